@@ -1,0 +1,88 @@
+"""Runners: ``run(feeds) -> outputs`` over one compiled model, whatever the target underneath."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+from llmc.ir import Dim
+
+
+@dataclass(frozen=True)
+class TensorSig:
+    """A model input or output as a runner sees it: name, numpy dtype name, shape with symbolic dims."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...] | None
+
+
+class Runner(Protocol):
+    inputs: list[TensorSig]
+    outputs: list[TensorSig]
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]: ...
+
+
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int16)": "int16",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+    "tensor(string)": "object",
+}
+
+
+def _sig(arg: ort.NodeArg) -> TensorSig:
+    shape = None if arg.shape is None else tuple(d if isinstance(d, int | str) else None for d in arg.shape)
+    return TensorSig(arg.name, _ORT_TYPES.get(arg.type, arg.type), shape)
+
+
+class OrtRunner:
+    """onnxruntime InferenceSession over a model file."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        intra_op_threads: int | None = None,
+        graph_optimization_level: str = "all",
+        extra_session_config: dict[str, str] | None = None,
+    ) -> None:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[graph_optimization_level]
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        for key, value in (extra_session_config or {}).items():
+            options.add_session_config_entry(key, value)
+        self.model_path = Path(model_path)
+        self.session = ort.InferenceSession(os.fspath(model_path), options, providers=list(providers))
+        self.inputs = [_sig(a) for a in self.session.get_inputs()]
+        self.outputs = [_sig(a) for a in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        names = list(outputs) if outputs is not None else [o.name for o in self.outputs]
+        values = self.session.run(names, feeds)
+        return dict(zip(names, values, strict=True))
