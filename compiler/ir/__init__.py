@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llmc.ir.convert import from_onnx, load_model, save_model, to_onnx, value_info_to_proto
+from llmc.ir.convert import clone, from_onnx, load_model, save_model, to_onnx, value_info_to_proto
 from llmc.ir.graph import Dim, Graph, Node, ValueInfo, constant_node_value, np_dtype_to_onnx, onnx_dtype_to_np
 from llmc.ir.printer import Summary, structural_hash, summarize, summary_delta, text_diff, to_text
 from llmc.ir.verify import verify, verify_structure
@@ -10,6 +10,7 @@ from llmc.ir.weights import WeightStore
 
 __all__ = [
     "Dim",
+    "clone",
     "Graph",
     "Node",
     "Summary",

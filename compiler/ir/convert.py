@@ -141,7 +141,7 @@ def _graph_from_proto(gp: onnx.GraphProto, parent: Graph | None, base: Path | No
 
 # -- IR -> ONNX --------------------------------------------------------------------------------------
 def to_onnx(graph: Graph, *, weights: str = "embed", elide_above: int = 0) -> onnx.ModelProto:
-    """Build a ModelProto. ``weights``: "embed" (data inside); "elide" (tensors over ``elide_above`` bytes
+    """Build a ModelProto. ``weights``: "embed" (data inside); "none" (no initializers at all); "elide" (tensors over ``elide_above`` bytes
     become references to ``<elided>`` carrying a content digest: for text dumps); "external" (the same
     without data or digest: a skeleton that ``save_model`` points at its data file)."""
     model = onnx.ModelProto()
@@ -200,8 +200,9 @@ def _graph_to_proto(graph: Graph, weights: str, elide_above: int) -> onnx.GraphP
     for name in graph.outputs:
         info = graph.values.get(name) or ValueInfo(name)
         gp.output.append(value_info_to_proto(info))
-    for name in graph.initializers:
-        gp.initializer.append(_tensor(graph, name, weights, elide_above))
+    if weights != "none":
+        for name in graph.initializers:
+            gp.initializer.append(_tensor(graph, name, weights, elide_above))
     gp.sparse_initializer.extend(graph.sparse_initializers)
     interface = set(graph.inputs) | set(graph.outputs)
     for name in sorted(graph.values):
@@ -318,6 +319,17 @@ def _all_graph_protos(gp: onnx.GraphProto):
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
                     yield from _all_graph_protos(g)
+
+
+def clone(graph: Graph) -> Graph:
+    """A structurally independent copy that shares the (read-only) weight arrays: no weight is copied."""
+    copy = from_onnx(to_onnx(graph, weights="none"))
+    for src, dst in zip(_all_graphs(graph), _all_graphs(copy), strict=True):
+        for name in src.initializers:
+            dst.initializers[name] = src.initializers[name]
+            if src.initializers.doc(name):
+                dst.initializers.set_doc(name, src.initializers.doc(name))
+    return copy
 
 
 def file_size(paths: list[Path]) -> int:

@@ -1,0 +1,257 @@
+"""``llmc compile``: spec -> import -> pipeline -> per-target legalize + emit -> golden check -> artifact.
+
+Everything is written into a staging folder beside the output and moved into place only when the whole
+compile (verification included) succeeded; an existing artifact is never touched unless ``force``. IR dumps
+and failure reproducers live outside the artifact so that a failed run still leaves them for the user.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmc.errors import SpecError
+from llmc.frontends import ImportedModel, import_model
+from llmc.golden import GoldenReport, compare_runners, load_inputs, make_inputs, raise_if_failed
+from llmc.ir import Graph, Summary, clone, save_model, summarize
+from llmc.pass_manager import DumpIR, PassContext, PassManager, Pipeline, PipelineReport
+from llmc.runtime.runner import OrtRunner
+from llmc.spec import Spec
+from llmc.targets import get_target
+from llmc.targets.base import EmitContext
+
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class TargetResult:
+    name: str
+    artifact: Path
+    manifest: dict[str, Any]
+    golden: GoldenReport | None
+    legalize: PipelineReport
+
+
+@dataclass
+class CompileResult:
+    out_dir: Path
+    imported: Summary
+    optimized: Summary
+    pipeline: PipelineReport
+    targets: list[TargetResult] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    dumps: Path | None = None
+
+
+def _noop(event: str, data: dict[str, Any]) -> None:
+    pass
+
+
+def compile_spec(
+    spec: Spec,
+    *,
+    out: Path | None = None,
+    force: bool = False,
+    dump_dir: Path | None = None,
+    dump_mode: str | None = None,
+    verify_each: bool | None = None,
+    progress: Progress = _noop,
+) -> CompileResult:
+    t_start = time.perf_counter()
+    out_dir = (out or spec.resolve(spec.output.dir)).resolve()
+    if out_dir.exists() and not force:
+        raise SpecError(
+            f"output folder {out_dir} already exists",
+            location=spec.locate(("output", "dir")),
+            hint="pass --force to replace it, or choose another output.dir",
+        )
+    dump_mode = dump_mode or spec.debug.dump_ir
+    if dump_dir is None and spec.debug.dump_dir:
+        dump_dir = spec.resolve(spec.debug.dump_dir)
+    if dump_dir is not None and dump_mode == "none":
+        dump_mode = "after-change"
+    if dump_mode != "none" and dump_dir is None:
+        dump_dir = out_dir.with_name(out_dir.name + ".dumps")
+    verify_each = spec.debug.verify_each if verify_each is None else verify_each
+    pipeline = Pipeline.parse(spec.pipeline)  # validated at load; parse again for fresh pass instances
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".llmc-staging", dir=out_dir.parent))
+    timings: dict[str, float] = {}
+    try:
+        t0 = time.perf_counter()
+        progress("import", {"source": spec.model.source, "path": spec.model.path})
+        imported = _import(spec, staging / "work")
+        graph = imported.graph
+        timings["import"] = time.perf_counter() - t0
+        before = summarize(graph)
+        progress("imported", {"summary": before})
+
+        reference_path = None
+        if spec.verify.enabled or spec.output.keep_reference:
+            reference_path = staging / "reference" / "model.onnx"
+            reference_path.parent.mkdir()
+            save_model(graph, reference_path)
+
+        t0 = time.perf_counter()
+        instruments = []
+        if dump_mode != "none":
+            if dump_dir.exists() and any(dump_dir.iterdir()) and not force:
+                raise SpecError(
+                    f"IR dump folder {dump_dir} already exists and is not empty",
+                    location=spec.locate(("debug",)),
+                    hint="pass --force, remove it, or choose another --dump-ir folder",
+                )
+            shutil.rmtree(dump_dir, ignore_errors=True)
+            instruments.append(DumpIR(dump_dir, dump_mode))
+        failure_dir = dump_dir if dump_dir is not None else Path(tempfile.mkdtemp(prefix="llmc-failure-"))
+        manager = PassManager(
+            pipeline,
+            ctx=PassContext(target=None, data={"task": imported.task}),
+            instruments=instruments,
+            verify_each=verify_each,
+            failure_dir=failure_dir,
+            on_pass_start=lambda p, i: progress("pass", {"name": p.name, "index": i}),
+        )
+        report = manager.run(graph)
+        if dump_dir is None:
+            shutil.rmtree(failure_dir, ignore_errors=True)
+        timings["pipeline"] = time.perf_counter() - t0
+        after = summarize(graph)
+
+        result = CompileResult(out_dir, before, after, report, timings=timings, dumps=dump_dir)
+        names = spec.target_names()
+        for i, name in enumerate(names):
+            target_graph = graph if i == len(names) - 1 else clone(graph)
+            artifact = staging / "artifact" if len(names) == 1 else staging / "artifact" / name
+            result.targets.append(
+                _build_target(spec, name, target_graph, imported, artifact, reference_path, report, progress, timings)
+            )
+        timings["total"] = time.perf_counter() - t_start
+        for target in result.targets:
+            _write_report(spec, result, target)
+        _publish(staging, out_dir, spec.output.keep_reference, len(names) == 1)
+        result.targets = [_moved(t, staging / "artifact", out_dir) for t in result.targets]
+        return result
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _import(spec: Spec, work_dir: Path) -> ImportedModel:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return import_model(spec.model, spec.base_dir, work_dir)
+    except SpecError as exc:
+        if exc.location.line is None:
+            raise SpecError(exc.message.split(": ", 1)[-1], location=spec.locate(("model", "path")), hint=exc.hint) from exc
+        raise
+
+
+def _build_target(
+    spec: Spec,
+    name: str,
+    graph: Graph,
+    imported: ImportedModel,
+    artifact: Path,
+    reference_path: Path | None,
+    report: PipelineReport,
+    progress: Progress,
+    timings: dict[str, float],
+) -> TargetResult:
+    target = get_target(name, getattr(spec.targets, name))
+    t0 = time.perf_counter()
+    progress("legalize", {"target": name})
+    legalize = PassManager(target.legalize_pipeline(), ctx=PassContext(target=name)).run(graph)
+    ctx = EmitContext(
+        spec_digest=spec.digest(),
+        spec_name=spec.name or (spec.file.stem if spec.file else ""),
+        task=imported.task,
+        source={"kind": imported.source, "path": spec.model.path, **_jsonable(imported.info)},
+        decoder=imported.decoder.to_json() if imported.decoder else None,
+        assets=imported.assets,
+        pipeline_text=Pipeline.parse(spec.pipeline).text(),
+        pipeline_report=[_deterministic(r.to_json()) for r in report.records + legalize.records],
+    )
+    if spec.output.keep_reference:
+        ctx.source["reference_onnx"] = "reference/model.onnx" if artifact.name == "artifact" else "../reference/model.onnx"
+    manifest = target.emit(graph, artifact, ctx)
+    timings[f"emit.{name}"] = time.perf_counter() - t0
+    golden = None
+    if spec.verify.enabled and reference_path is not None:
+        t0 = time.perf_counter()
+        progress("verify", {"target": name})
+        golden = verify_artifact(spec, reference_path, target.load(artifact))
+        timings[f"verify.{name}"] = time.perf_counter() - t0
+        raise_if_failed(golden, f"target '{name}'")
+    return TargetResult(name, artifact, manifest, golden, legalize)
+
+
+def verify_artifact(spec: Spec, reference_path: Path, candidate) -> GoldenReport:
+    reference = OrtRunner(reference_path, graph_optimization_level="basic")
+    v = spec.verify
+    if v.inputs:
+        feeds = load_inputs(spec.resolve(v.inputs), reference.inputs)
+    else:
+        feeds = make_inputs(reference.inputs, samples=v.samples, seed=v.seed, dims=v.dims, shapes=v.shapes, ranges=v.ranges)
+    return compare_runners(reference, candidate, feeds, v.tolerances, v.per_output)
+
+
+def _deterministic(record: dict[str, Any]) -> dict[str, Any]:
+    """Pass records for the manifest, without wall-clock times (same spec -> same bytes)."""
+    return {k: v for k, v in record.items() if k != "seconds"}
+
+
+def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items() if k != "path"}
+
+
+def _publish(staging: Path, out_dir: Path, keep_reference: bool, single: bool) -> None:
+    artifact = staging / "artifact"
+    if keep_reference:
+        shutil.move(str(staging / "reference"), str(artifact / "reference"))
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.llmc-old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(artifact, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _moved(target: TargetResult, staged_root: Path, out_dir: Path) -> TargetResult:
+    target.artifact = out_dir / target.artifact.relative_to(staged_root)
+    return target
+
+
+def _write_report(spec: Spec, result: CompileResult, target: TargetResult) -> None:
+    lines = [f"# llmc compile report: {spec.name or (spec.file.stem if spec.file else 'spec')} → {target.name}", ""]
+    lines += [
+        f"- model: `{spec.model.path}` ({spec.model.source}, task {spec.model.task})",
+        f"- imported: {result.imported.line()}",
+        f"- optimized: {result.optimized.line()}",
+        f"- pipeline: `{Pipeline.parse(spec.pipeline).text() or '(empty)'}`",
+        "",
+        "## Passes",
+        "",
+        "| # | pass | time (ms) | nodes before | nodes after | changed | stats |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result.pipeline.records + target.legalize.records:
+        stats = ", ".join(f"{k}={v}" for k, v in r.stats.items())
+        lines.append(
+            f"| {r.index} | {r.name} | {r.seconds * 1000:.1f} | {r.nodes_before} | {r.nodes_after} | "
+            f"{'yes' if r.changed else 'no'} | {stats} |"
+        )
+    lines += ["", "## Verification", ""]
+    lines.append(target.golden.markdown() if target.golden else "verification disabled in the spec")
+    lines += ["", "## Timings", ""]
+    lines += [f"- {k}: {v:.2f} s" for k, v in result.timings.items()]
+    files = target.manifest.get("files", {})
+    lines += ["", "## Files", ""] + [f"- {k}: {v / 1e6:.2f} MB" for k, v in files.items()]
+    (target.artifact / "report.md").write_text("\n".join(lines) + "\n")
