@@ -20,7 +20,7 @@ from llmc.errors import LlmcError, ModelError, VerificationError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="llmc: compile LLMs into fast inference artifacts.")
 console = Console(soft_wrap=True)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 _state = {"debug": False}
 
 

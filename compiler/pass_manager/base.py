@@ -38,6 +38,7 @@ class PassResult:
 
     changed: bool
     stats: dict[str, int | float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # JSON-able, e.g. rejected fusion sites and why
 
 
 @dataclass
@@ -148,8 +149,12 @@ def get_pass_class(name: str) -> type[Pass]:
         except ImportError as exc:
             raise UnknownPassError(f"cannot import custom pass module '{module_name}': {exc}") from exc
         cls = getattr(module, attr, None)
+        from llmc.rewrite import RewriteRule, RuleSet, pass_from_rules
+
+        if isinstance(cls, RuleSet | RewriteRule):
+            return pass_from_rules(cls, re.sub(r"[^a-z0-9]+", "-", attr.lower()).strip("-") or "user-rules")
         if not (isinstance(cls, type) and issubclass(cls, Pass)):
-            raise UnknownPassError(f"'{name}' is not a subclass of llmc.pass_manager.Pass")
+            raise UnknownPassError(f"'{name}' is neither a Pass subclass nor a rewrite RuleSet/RewriteRule")
         if not cls.name:
             cls.name = re.sub(r"(?<!^)(?=[A-Z])", "-", attr).lower()
         return cls

@@ -114,6 +114,7 @@ class PassRecord:
     stats: dict[str, int | float]
     iteration: int | None = None
     verified: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -209,6 +210,7 @@ class PassManager:
             nodes_after=len(graph),
             stats=dict(result.stats),
             iteration=iteration,
+            details=dict(result.details),
         )
         if moved and self.verify_each:
             try:
