@@ -18,14 +18,19 @@ from rich.table import Table
 
 from llmc.errors import LlmcError, ModelError, VerificationError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="llmc: compile LLMs into fast inference artifacts.")
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="llmc: compile LLMs into fast inference artifacts."
+)
+# Wide when piped (logs, CI): tables of pass names and statistics should not be cut at 80 columns.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
 _state = {"debug": False}
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of internal errors")] = False) -> None:
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks of internal errors")] = False,
+) -> None:
     _state["debug"] = debug
 
 
@@ -33,11 +38,17 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks o
 @app.command()
 def compile(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="the YAML plan")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="artifact folder (default: spec output.dir)")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="artifact folder (default: spec output.dir)")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing artifact")] = False,
-    dump_ir: Annotated[Path | None, typer.Option("--dump-ir", help="write numbered IR dumps into this folder")] = None,
+    dump_ir: Annotated[
+        Path | None, typer.Option("--dump-ir", help="write numbered IR dumps into this folder")
+    ] = None,
     dump_mode: Annotated[str | None, typer.Option(help="after-each | after-change | none")] = None,
-    verify_each: Annotated[bool | None, typer.Option("--verify-each/--no-verify-each", help="verify after every pass")] = None,
+    verify_each: Annotated[
+        bool | None, typer.Option("--verify-each/--no-verify-each", help="verify after every pass")
+    ] = None,
 ) -> None:
     """Import the model, run the plan, lower to every target, verify, write the artifact."""
     from llmc.driver import compile_spec
@@ -57,14 +68,32 @@ def compile(
             else:
                 status.update(f"{event} {' '.join(str(v) for v in data.values())}")
 
-        result = compile_spec(spec, out=out, force=force, dump_dir=dump_ir, dump_mode=dump_mode, verify_each=verify_each, progress=progress)
+        result = compile_spec(
+            spec,
+            out=out,
+            force=force,
+            dump_dir=dump_ir,
+            dump_mode=dump_mode,
+            verify_each=verify_each,
+            progress=progress,
+        )
     table = Table(title="passes", show_lines=False)
     for col in ("#", "pass", "ms", "nodes before", "nodes after", "changed", "stats"):
-        table.add_column(col, justify="right" if col in ("#", "ms", "nodes before", "nodes after") else "left")
+        table.add_column(
+            col, justify="right" if col in ("#", "ms", "nodes before", "nodes after") else "left"
+        )
     for target in result.targets:
         for r in result.pipeline.records + (target.legalize.records if target is result.targets[0] else []):
             stats = ", ".join(f"{k}={v}" for k, v in r.stats.items())
-            table.add_row(str(r.index), r.name, f"{r.seconds * 1000:.1f}", str(r.nodes_before), str(r.nodes_after), "yes" if r.changed else "no", stats)
+            table.add_row(
+                str(r.index),
+                r.name,
+                f"{r.seconds * 1000:.1f}",
+                str(r.nodes_before),
+                str(r.nodes_after),
+                "yes" if r.changed else "no",
+                stats,
+            )
         break
     if result.pipeline.records:
         console.print(table)
@@ -87,7 +116,9 @@ def compile(
 @app.command()
 def run(
     artifact: Annotated[Path, typer.Argument(help="an artifact folder written by llmc compile")],
-    inputs: Annotated[Path | None, typer.Option("--inputs", "-i", help=".npz with one array per input")] = None,
+    inputs: Annotated[
+        Path | None, typer.Option("--inputs", "-i", help=".npz with one array per input")
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write the outputs to this .npz")] = None,
     seed: Annotated[int, typer.Option(help="seed for random inputs when --inputs is not given")] = 0,
 ) -> None:
@@ -148,7 +179,9 @@ def inspect(
     if format == "dot":
         sys.stdout.write(to_dot(graph))
         return
-    console.print(f"[bold]{model_path}[/]  {info['nodes']} nodes, {info['params']:,} params, {info['weight_bytes'] / 1e6:.2f} MB weights, file {info['file_bytes'] / 1e6:.2f} MB")
+    console.print(
+        f"[bold]{model_path}[/]  {info['nodes']} nodes, {info['params']:,} params, {info['weight_bytes'] / 1e6:.2f} MB weights, file {info['file_bytes'] / 1e6:.2f} MB"
+    )
     console.print("opsets: " + ", ".join(f"{d or 'ai.onnx'}:{v}" for d, v in info["opsets"].items()))
     io = Table(title="interface")
     for col in ("kind", "name", "dtype", "shape"):
@@ -173,7 +206,7 @@ def passes() -> None:
     from llmc.pass_manager import registered_passes
 
     table = Table(title="registered passes")
-    table.add_column("pass")
+    table.add_column("pass", no_wrap=True)
     table.add_column("what it does")
     table.add_column("options")
     for name, cls in registered_passes().items():

@@ -131,7 +131,9 @@ def compile_spec(
             target_graph = graph if i == len(names) - 1 else clone(graph)
             artifact = staging / "artifact" if len(names) == 1 else staging / "artifact" / name
             result.targets.append(
-                _build_target(spec, name, target_graph, imported, artifact, reference_path, report, progress, timings)
+                _build_target(
+                    spec, name, target_graph, imported, artifact, reference_path, report, progress, timings
+                )
             )
         timings["total"] = time.perf_counter() - t_start
         for target in result.targets:
@@ -149,7 +151,9 @@ def _import(spec: Spec, work_dir: Path) -> ImportedModel:
         return import_model(spec.model, spec.base_dir, work_dir)
     except SpecError as exc:
         if exc.location.line is None:
-            raise SpecError(exc.message.split(": ", 1)[-1], location=spec.locate(("model", "path")), hint=exc.hint) from exc
+            raise SpecError(
+                exc.message.split(": ", 1)[-1], location=spec.locate(("model", "path")), hint=exc.hint
+            ) from exc
         raise
 
 
@@ -179,7 +183,9 @@ def _build_target(
         pipeline_report=[_deterministic(r.to_json()) for r in report.records + legalize.records],
     )
     if spec.output.keep_reference:
-        ctx.source["reference_onnx"] = "reference/model.onnx" if artifact.name == "artifact" else "../reference/model.onnx"
+        ctx.source["reference_onnx"] = (
+            "reference/model.onnx" if artifact.name == "artifact" else "../reference/model.onnx"
+        )
     manifest = target.emit(graph, artifact, ctx)
     timings[f"emit.{name}"] = time.perf_counter() - t0
     golden = None
@@ -198,7 +204,9 @@ def verify_artifact(spec: Spec, reference_path: Path, candidate) -> GoldenReport
     if v.inputs:
         feeds = load_inputs(spec.resolve(v.inputs), reference.inputs)
     else:
-        feeds = make_inputs(reference.inputs, samples=v.samples, seed=v.seed, dims=v.dims, shapes=v.shapes, ranges=v.ranges)
+        feeds = make_inputs(
+            reference.inputs, samples=v.samples, seed=v.seed, dims=v.dims, shapes=v.shapes, ranges=v.ranges
+        )
     return compare_runners(reference, candidate, feeds, v.tolerances, v.per_output)
 
 
@@ -230,7 +238,10 @@ def _moved(target: TargetResult, staged_root: Path, out_dir: Path) -> TargetResu
 
 
 def _write_report(spec: Spec, result: CompileResult, target: TargetResult) -> None:
-    lines = [f"# llmc compile report: {spec.name or (spec.file.stem if spec.file else 'spec')} → {target.name}", ""]
+    lines = [
+        f"# llmc compile report: {spec.name or (spec.file.stem if spec.file else 'spec')} → {target.name}",
+        "",
+    ]
     lines += [
         f"- model: `{spec.model.path}` ({spec.model.source}, task {spec.model.task})",
         f"- imported: {result.imported.line()}",

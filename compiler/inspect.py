@@ -19,7 +19,13 @@ def _sig(graph: Graph, names: list[str]) -> list[dict[str, Any]]:
     for name in names:
         info = graph.value_info(name)
         dtype = str(onnx_dtype_to_np(info.dtype)) if info and info.dtype else "?"
-        rows.append({"name": name, "dtype": dtype, "shape": None if not info or info.shape is None else list(info.shape)})
+        rows.append(
+            {
+                "name": name,
+                "dtype": dtype,
+                "shape": None if not info or info.shape is None else list(info.shape),
+            }
+        )
     return rows
 
 
@@ -45,7 +51,12 @@ def describe(graph: Graph, path: Path | None = None) -> dict[str, Any]:
         "outputs": _sig(graph, graph.outputs),
         "ops": dict(ops.most_common()),
         "largest_weights": [
-            {"name": n, "dtype": str(graph.initializers[n].dtype), "shape": list(graph.initializers[n].shape), "bytes": graph.initializers.nbytes(n)}
+            {
+                "name": n,
+                "dtype": str(graph.initializers[n].dtype),
+                "shape": list(graph.initializers[n].shape),
+                "bytes": graph.initializers.nbytes(n),
+            }
             for n in largest
         ],
     }

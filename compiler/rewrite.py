@@ -115,15 +115,21 @@ class _Matcher:
                 return self.fail(depth, f"'{value}' does not satisfy the condition on {pattern.name}")
             bound = m.values.get(pattern.name)
             if bound is not None and bound != value:
-                return self.fail(depth, f"{pattern.name} must be the same value in both places ('{bound}' vs '{value}')")
+                return self.fail(
+                    depth, f"{pattern.name} must be the same value in both places ('{bound}' vs '{value}')"
+                )
             m.values[pattern.name] = value
             return True
         entry = self.graph.producer_slot(value) if value else None
         if entry is None:
-            return self.fail(depth, f"expected {pattern} to produce '{value}', but it is a graph input or constant")
+            return self.fail(
+                depth, f"expected {pattern} to produce '{value}', but it is a graph input or constant"
+            )
         node, slot = entry
         if slot != pattern.output:
-            return self.fail(depth, f"'{value}' is output {slot} of {node.label}, expected output {pattern.output}")
+            return self.fail(
+                depth, f"'{value}' is output {slot} of {node.label}, expected output {pattern.output}"
+            )
         return self.match_node(pattern, node, m, depth)
 
     def match_node(self, pattern: Op, node: Node, m: Match, depth: int) -> bool:
@@ -137,7 +143,9 @@ class _Matcher:
             if not ok:
                 return self.fail(depth, f"attribute {key}={have!r} of {node.label} does not fit")
         n_in = len(pattern.inputs)
-        if len(node.inputs) < n_in or (len([i for i in node.inputs if i]) > n_in and not pattern.allow_extra_inputs):
+        if len(node.inputs) < n_in or (
+            len([i for i in node.inputs if i]) > n_in and not pattern.allow_extra_inputs
+        ):
             return self.fail(depth, f"{node.label} has {len(node.inputs)} inputs, the pattern {n_in}")
         orders = [list(range(n_in))]
         commutative = pattern.commutative if pattern.commutative is not None else node.op_type in COMMUTATIVE
@@ -147,7 +155,10 @@ class _Matcher:
             trial = Match(m.root, dict(m.nodes), dict(m.values), [*m.matched, node])
             if pattern.name:
                 trial.nodes[pattern.name] = node
-            if all(self.match_value(pattern.inputs[k], node.inputs[i], trial, depth + 1) for k, i in enumerate(order)):
+            if all(
+                self.match_value(pattern.inputs[k], node.inputs[i], trial, depth + 1)
+                for k, i in enumerate(order)
+            ):
                 m.nodes, m.values, m.matched = trial.nodes, trial.values, trial.matched
                 return True
         return False
@@ -211,7 +222,16 @@ class Builder:
         self.stem = root.name or root.op_type.lower()
         self.created: list[Node] = []
 
-    def op(self, op_type: str, inputs: Sequence[str], *, outputs: int = 1, domain: str = "", name: str = "", **attrs: Any) -> list[str]:
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        *,
+        outputs: int = 1,
+        domain: str = "",
+        name: str = "",
+        **attrs: Any,
+    ) -> list[str]:
         node = self.graph.add_node(
             op_type,
             inputs,
@@ -318,7 +338,10 @@ class RewritePass(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         report = self.rule_set().apply(graph)
         total = sum(report.hits.values())
-        stats: dict[str, int | float] = {"fused": total, **{f"rule:{k}": v for k, v in sorted(report.hits.items())}}
+        stats: dict[str, int | float] = {
+            "fused": total,
+            **{f"rule:{k}": v for k, v in sorted(report.hits.items())},
+        }
         if report.misses:
             stats["rejected"] = len(report.misses)
         return PassResult(changed=total > 0, stats=stats, details=report.details())
@@ -327,6 +350,10 @@ class RewritePass(Pass):
 def pass_from_rules(obj: RuleSet | RewriteRule, name: str) -> type[Pass]:
     """Wrap a user's rule set (named in a spec as ``module:RULES``) into a pass."""
     rules = obj if isinstance(obj, RuleSet) else RuleSet(obj.name, [obj])
-    cls = type(f"RulesPass_{name}", (RewritePass,), {"rules": rules, "__doc__": f"Applies the rule set '{rules.name}'."})
+    cls = type(
+        f"RulesPass_{name}",
+        (RewritePass,),
+        {"rules": rules, "__doc__": f"Applies the rule set '{rules.name}'."},
+    )
     cls.name = name
     return cls

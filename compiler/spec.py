@@ -51,7 +51,9 @@ class CpuTargetSpec(_Strict):
 
     threads: int | None = Field(default=None, ge=1, description="intra-op threads (default: all cores)")
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
-    external_data: bool | None = Field(default=None, description="weights in model.onnx.data (default: when > 1 GB)")
+    external_data: bool | None = Field(
+        default=None, description="weights in model.onnx.data (default: when > 1 GB)"
+    )
 
 
 class TargetsSpec(_Strict):
@@ -86,7 +88,9 @@ class VerifySpec(_Strict):
 
 class OutputSpec(_Strict):
     dir: str = Field(description="the artifact folder (one per target under it when several targets)")
-    keep_reference: bool = Field(default=False, description="also store the unoptimized model (for baselines)")
+    keep_reference: bool = Field(
+        default=False, description="also store the unoptimized model (for baselines)"
+    )
 
 
 class DebugSpec(_Strict):
@@ -100,7 +104,9 @@ class Spec(_Strict):
 
     name: str | None = None
     model: ModelSpec
-    pipeline: list[Any] = Field(default_factory=list, description="pass names, {name: {options}}, {fixpoint: [...]}")
+    pipeline: list[Any] = Field(
+        default_factory=list, description="pass names, {name: {options}}, {fixpoint: [...]}"
+    )
     targets: TargetsSpec = Field(default_factory=lambda: TargetsSpec(cpu=CpuTargetSpec()))
     verify: VerifySpec = Field(default_factory=VerifySpec)
     output: OutputSpec
@@ -209,11 +215,15 @@ def _model_for_path(path: tuple[Any, ...]) -> type[BaseModel] | None:
     for part in path:
         if isinstance(part, int):
             continue
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        field = (
+            model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        )
         if field is None:
             return None
         ann = field.annotation
-        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        candidates = [
+            a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
         if not candidates:
             inner = [a for x in getattr(ann, "__args__", ()) for a in getattr(x, "__args__", ())]
             candidates = [a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)]
@@ -267,7 +277,9 @@ def load_spec(path: str | Path) -> Spec:
 def parse_spec(text: str, file: Path | None = None) -> Spec:
     data, locations = parse_yaml(text, file)
     if not isinstance(data, dict):
-        raise SpecError("the spec must be a mapping (model:, pipeline:, targets:, ...)", location=Location(file, 1, 1))
+        raise SpecError(
+            "the spec must be a mapping (model:, pipeline:, targets:, ...)", location=Location(file, 1, 1)
+        )
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:

@@ -64,7 +64,17 @@ def versions() -> dict[str, str]:
 
 def cpu_flags() -> list[str]:
     """The instruction-set extensions that matter for int8/bf16 kernel choice (from /proc/cpuinfo)."""
-    interesting = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx")
+    interesting = (
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512_vnni",
+        "avx512_bf16",
+        "avx_vnni",
+        "amx",
+    )
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -96,4 +106,9 @@ def read_manifest(artifact_dir: Path) -> dict[str, Any]:
 
 
 def platform_info() -> dict[str, Any]:
-    return {"machine": platform.machine(), "system": platform.system(), "cpu_flags": cpu_flags(), "python": sys.version.split()[0]}
+    return {
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "cpu_flags": cpu_flags(),
+        "python": sys.version.split()[0],
+    }

@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from clitools import run_cli
+from onnx import TensorProto, helper, numpy_helper
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,7 +130,11 @@ def test_bad_model_files(project: Path, capsys, content, message) -> None:
 
 def _broken_model(path: Path, kind: str) -> None:
     if kind == "cycle":
-        nodes = [helper.make_node("Relu", ["b"], ["a"]), helper.make_node("Relu", ["a"], ["b"]), helper.make_node("Add", ["x", "a"], ["y"])]
+        nodes = [
+            helper.make_node("Relu", ["b"], ["a"]),
+            helper.make_node("Relu", ["a"], ["b"]),
+            helper.make_node("Add", ["x", "a"], ["y"]),
+        ]
     else:
         nodes = [helper.make_node("Add", ["x", "ghost"], ["y"])]
     graph = helper.make_graph(
@@ -143,7 +146,9 @@ def _broken_model(path: Path, kind: str) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
-@pytest.mark.parametrize(("kind", "message"), [("cycle", "has a cycle"), ("undefined", "'ghost' is not defined")])
+@pytest.mark.parametrize(
+    ("kind", "message"), [("cycle", "has a cycle"), ("undefined", "'ghost' is not defined")]
+)
 def test_structurally_broken_models(project: Path, capsys, kind: str, message: str) -> None:
     _broken_model(project / "model.onnx", kind)
     result = run_cli(capsys, "compile", write_spec(project))
@@ -164,7 +169,13 @@ def test_custom_pass_from_module_runs(project: Path, capsys) -> None:
 
 def test_custom_pass_that_raises_is_named_and_dumps_are_kept(project: Path, capsys) -> None:
     dumps = project / "dumps"
-    result = run_cli(capsys, "compile", write_spec(project, "[remove-identity, 'custom_passes:Explode']"), "--dump-ir", dumps)
+    result = run_cli(
+        capsys,
+        "compile",
+        write_spec(project, "[remove-identity, 'custom_passes:Explode']"),
+        "--dump-ir",
+        dumps,
+    )
     assert result.code == 2
     assert "pass 'explode'" in result.err and "RuntimeError: boom" in result.err
     assert (dumps / "000-input.onnxtxt").exists()
@@ -228,7 +239,12 @@ def test_run_inspect_passes_schema(project: Path, capsys, tmp_path: Path) -> Non
     assert dot.startswith("digraph llmc {") and "-> " in dot
 
     listing = run_cli(capsys, "passes").out
-    for name in ("fold-constants", "eliminate-dead-code", "eliminate-common-subexpressions", "remove-identity"):
+    for name in (
+        "fold-constants",
+        "eliminate-dead-code",
+        "eliminate-common-subexpressions",
+        "remove-identity",
+    ):
         assert name in listing
     schema = json.loads(run_cli(capsys, "schema").out)
     assert "model" in schema["properties"]

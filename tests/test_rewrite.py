@@ -27,7 +27,10 @@ def _matmul_add_graph(extra_use: bool = False, swap: bool = False) -> Graph:
     w = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w")
     b = numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "b")
     add_inputs = ["b", "mm"] if swap else ["mm", "b"]
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"), helper.make_node("Add", add_inputs, ["y"], name="add")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"),
+        helper.make_node("Add", add_inputs, ["y"], name="add"),
+    ]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])]
     if extra_use:
         nodes.append(helper.make_node("Relu", ["mm"], ["z"], name="relu"))
@@ -86,7 +89,11 @@ def test_check_rejects_with_reason() -> None:
 
 
 def test_bound_variable_must_be_the_same_value() -> None:
-    silu = RewriteRule("silu", Op("Mul", Var("x"), Op("Sigmoid", Var("x"))), lambda b, m: b.op1("Neg", [b.op1("Neg", [m["x"]])]))
+    silu = RewriteRule(
+        "silu",
+        Op("Mul", Var("x"), Op("Sigmoid", Var("x"))),
+        lambda b, m: b.op1("Neg", [b.op1("Neg", [m["x"]])]),
+    )
     ok = _graph(
         [helper.make_node("Sigmoid", ["a"], ["s"]), helper.make_node("Mul", ["s", "a"], ["y"])],
         [helper.make_tensor_value_info("a", TensorProto.FLOAT, [3])],
@@ -95,7 +102,10 @@ def test_bound_variable_must_be_the_same_value() -> None:
     assert RuleSet("s", [silu]).apply(ok).hits["silu"] == 1
     other = _graph(
         [helper.make_node("Sigmoid", ["a"], ["s"]), helper.make_node("Mul", ["s", "c"], ["y"])],
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [3]), helper.make_tensor_value_info("c", TensorProto.FLOAT, [3])],
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [3]),
+            helper.make_tensor_value_info("c", TensorProto.FLOAT, [3]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
     )
     report = RuleSet("s", [silu]).apply(other)

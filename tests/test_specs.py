@@ -43,12 +43,16 @@ def test_spec_compiles_and_matches_golden(spec_path: Path, tmp_path: Path, updat
     outputs = runner.run(feed)
     golden = GOLDEN / f"{spec_path.stem}.npz"
     if update_golden or not golden.exists():
-        np.savez(golden, **{f"in.{k}": v for k, v in feed.items()}, **{f"out.{k}": v for k, v in outputs.items()})
+        np.savez(
+            golden, **{f"in.{k}": v for k, v in feed.items()}, **{f"out.{k}": v for k, v in outputs.items()}
+        )
         if not update_golden:
             pytest.skip(f"recorded a new golden file {golden.name}; commit it")
     stored = np.load(golden)
     for name, value in feed.items():
-        np.testing.assert_array_equal(stored[f"in.{name}"], value, err_msg="golden inputs drifted: regenerate")
+        np.testing.assert_array_equal(
+            stored[f"in.{name}"], value, err_msg="golden inputs drifted: regenerate"
+        )
     for name, value in outputs.items():
         row = compare_arrays(name, value, stored[f"out.{name}"], v.per_output.get(name, v.tolerances))
         assert row.passed, f"{name}: max abs {row.max_abs}, cosine {row.cosine}"

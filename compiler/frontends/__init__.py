@@ -45,7 +45,9 @@ def _factory_ref(path: str, base_dir: Path) -> str:
             spec.loader.exec_module(module)
         except Exception as exc:
             del sys.modules[name]
-            raise ModelError(f"{file}: importing the model factory failed: {type(exc).__name__}: {exc}") from exc
+            raise ModelError(
+                f"{file}: importing the model factory failed: {type(exc).__name__}: {exc}"
+            ) from exc
     return f"{name}:{fn}"
 
 
@@ -56,7 +58,9 @@ def import_model(model: ModelSpec, base_dir: Path, work_dir: Path) -> ImportedMo
         from llmc.frontends.torch_module import import_torch
 
         inputs = [i.model_dump() for i in model.inputs] if model.inputs else None
-        return import_torch(_factory_ref(model.path, base_dir), input_specs=inputs, work_dir=work_dir, task=model.task)
+        return import_torch(
+            _factory_ref(model.path, base_dir), input_specs=inputs, work_dir=work_dir, task=model.task
+        )
     path = resolve_path(model.path, base_dir)
     if not path.exists():
         raise SpecError(f"model path not found: {path}")

@@ -40,13 +40,19 @@ def _value_info_from_proto(vi: onnx.ValueInfoProto) -> ValueInfo:
                 else:
                     dims.append(None)
             shape = tuple(dims)
-        return ValueInfo(vi.name, int(tt.elem_type), shape, None, vi.doc_string)
+        return ValueInfo(
+            vi.name, int(tt.elem_type), shape, None, vi.doc_string, _copy(vi, onnx.ValueInfoProto)
+        )
     raw = onnx.TypeProto()
     raw.CopyFrom(t)
-    return ValueInfo(vi.name, 0, None, raw, vi.doc_string)
+    return ValueInfo(vi.name, 0, None, raw, vi.doc_string, _copy(vi, onnx.ValueInfoProto))
 
 
 def value_info_to_proto(info: ValueInfo) -> onnx.ValueInfoProto:
+    if info.proto is not None and info.proto.name == info.name:
+        parsed = _value_info_from_proto(info.proto)
+        if (parsed.dtype, parsed.shape, parsed.doc_string) == (info.dtype, info.shape, info.doc_string):
+            return _copy(info.proto, onnx.ValueInfoProto)
     if info.type_proto is not None:
         vi = onnx.ValueInfoProto(name=info.name)
         vi.type.CopyFrom(info.type_proto)
@@ -71,7 +77,9 @@ def from_onnx(model: onnx.ModelProto, base_dir: str | Path | None = None) -> Gra
     """Build the IR of a model. ``base_dir`` is where its external-data files live."""
     base = Path(base_dir) if base_dir is not None else None
     graph = _graph_from_proto(model.graph, None, base)
-    graph.opset_imports = {op.domain if op.domain != "ai.onnx" else "": int(op.version) for op in model.opset_import}
+    graph.opset_imports = {
+        op.domain if op.domain != "ai.onnx" else "": int(op.version) for op in model.opset_import
+    }
     graph.ir_version = int(model.ir_version)
     graph.producer_name = model.producer_name
     graph.producer_version = model.producer_version
@@ -79,6 +87,7 @@ def from_onnx(model: onnx.ModelProto, base_dir: str | Path | None = None) -> Gra
     graph.model_version = int(model.model_version)
     graph.model_doc_string = model.doc_string
     graph.metadata_props = {p.key: p.value for p in model.metadata_props}
+    graph.training_info = [_copy(t, onnx.TrainingInfoProto) for t in model.training_info]
     graph.functions = [_copy(f, onnx.FunctionProto) for f in model.functions]
     return graph
 
@@ -94,14 +103,23 @@ def _graph_from_proto(gp: onnx.GraphProto, parent: Graph | None, base: Path | No
     graph.doc_string = gp.doc_string
     for tensor in gp.initializer:
         graph.initializers[tensor.name] = tensor_to_array(tensor, base)
+        graph.initializers.keep_encoding(tensor.name, tensor)
         if tensor.doc_string:
             graph.initializers.set_doc(tensor.name, tensor.doc_string)
     graph.sparse_initializers = [_copy(s, onnx.SparseTensorProto) for s in gp.sparse_initializer]
     for vi in gp.input:
         graph.inputs.append(vi.name)
         graph.values[vi.name] = _value_info_from_proto(vi)
+    graph.graph_metadata_props = {p.key: p.value for p in gp.metadata_props}
+    interface = (
+        {vi.name for vi in gp.input} | {vi.name for vi in gp.output} | {t.name for t in gp.initializer}
+    )
     for vi in gp.value_info:
-        graph.values.setdefault(vi.name, _value_info_from_proto(vi))
+        graph.value_info_order.append(vi.name)
+        if vi.name in interface:
+            graph.value_info_extra[vi.name] = _value_info_from_proto(vi)
+        else:
+            graph.values.setdefault(vi.name, _value_info_from_proto(vi))
     output_infos = [_value_info_from_proto(vi) for vi in gp.output]
     for position, np_ in enumerate(gp.node):
         attributes: dict[str, onnx.AttributeProto] = {}
@@ -129,6 +147,8 @@ def _graph_from_proto(gp: onnx.GraphProto, parent: Graph | None, base: Path | No
         except IRError as exc:
             raise ModelError(f"graph '{gp.name}' is not in SSA form: {exc.message}") from exc
         node.overload = np_.overload
+        node.attribute_order = tuple(a.name for a in np_.attribute)
+        node.domain_spelling = np_.domain if np_.domain == "ai.onnx" else ""
         node.explicit_empty = tuple(
             f for f in ("domain", "name", "doc_string") if np_.HasField(f) and not getattr(np_, f)
         )
@@ -159,6 +179,7 @@ def to_onnx(graph: Graph, *, weights: str = "embed", elide_above: int = 0) -> on
     for key, value in graph.metadata_props.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     model.functions.extend(graph.functions)
+    model.training_info.extend(graph.training_info)
     model.graph.CopyFrom(_graph_to_proto(graph, weights, elide_above))
     return model
 
@@ -172,6 +193,8 @@ def _tensor(graph: Graph, name: str, weights: str, elide_above: int) -> onnx.Ten
         tensor.external_data.add(key="location", value="<elided>")
         if weights == "elide":
             tensor.external_data.add(key="digest", value=graph.initializers.digest(name))
+    elif graph.initializers.encoded(name) is not None:
+        tensor = _copy(graph.initializers.encoded(name), onnx.TensorProto)
     else:
         tensor = array_to_tensor(name, array)
     doc = graph.initializers.doc(name)
@@ -205,31 +228,46 @@ def _graph_to_proto(graph: Graph, weights: str, elide_above: int) -> onnx.GraphP
             gp.initializer.append(_tensor(graph, name, weights, elide_above))
     gp.sparse_initializer.extend(graph.sparse_initializers)
     interface = set(graph.inputs) | set(graph.outputs)
-    for name in sorted(graph.values):
-        info = graph.values[name]
-        if name in interface or name in graph.initializers:
-            continue
-        if info.type_proto is None and not info.dtype:
+    internal = [n for n in graph.values if n not in interface and n not in graph.initializers]
+    known = set(internal)
+    order = [n for n in graph.value_info_order if n in known or n in graph.value_info_extra]
+    for name in dict.fromkeys([*order, *internal]):  # the imported order first, new entries after
+        if name in known:
+            info = graph.values[name]
+            if info.type_proto is None and not info.dtype and info.proto is None:
+                continue
+        elif name in interface or name in graph.initializers:
+            info = graph.value_info_extra[name]
+        else:
             continue
         gp.value_info.append(value_info_to_proto(info))
+    for key, value in graph.graph_metadata_props.items():
+        gp.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     for node in graph.nodes():
         np_ = onnx.NodeProto()
-        _set_present(np_, op_type=node.op_type, domain=node.domain, name=node.name, doc_string=node.doc_string)
+        domain = node.domain_spelling if node.domain_spelling and not node.domain else node.domain
+        _set_present(np_, op_type=node.op_type, domain=domain, name=node.name, doc_string=node.doc_string)
         for fld in node.explicit_empty:
             setattr(np_, fld, "")
         np_.input.extend(node.inputs)
         np_.output.extend(node.outputs)
         if node.overload:
             np_.overload = node.overload
-        for key in [*node.attributes, *(k for k in node.subgraphs if k not in node.attributes)]:
+        present = [k for k in node.attribute_order if k in node.attributes or k in node.subgraphs]
+        rest = [k for k in (*node.attributes, *node.subgraphs) if k not in present]
+        for key in dict.fromkeys([*present, *rest]):
             if key in node.subgraphs:
                 sub = node.subgraphs[key]
                 if isinstance(sub, list):
                     np_.attribute.append(
-                        onnx.helper.make_attribute(key, [_graph_to_proto(s, weights, elide_above) for s in sub])
+                        onnx.helper.make_attribute(
+                            key, [_graph_to_proto(s, weights, elide_above) for s in sub]
+                        )
                     )
                 else:
-                    np_.attribute.append(onnx.helper.make_attribute(key, _graph_to_proto(sub, weights, elide_above)))
+                    np_.attribute.append(
+                        onnx.helper.make_attribute(key, _graph_to_proto(sub, weights, elide_above))
+                    )
             else:
                 np_.attribute.append(node.attributes[key])
         for key, value in node.metadata.items():
@@ -264,7 +302,9 @@ def _check_external_files(gp: onnx.GraphProto, base: Path, path: Path) -> None:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             location = {e.key: e.value for e in tensor.external_data}.get("location", "")
             if not (base / location).exists():
-                raise ModelError(f"{path}: external data file '{location}' of tensor '{tensor.name}' is missing")
+                raise ModelError(
+                    f"{path}: external data file '{location}' of tensor '{tensor.name}' is missing"
+                )
 
 
 def save_model(graph: Graph, path: str | Path, *, external_data: bool | None = None) -> list[Path]:

@@ -46,6 +46,9 @@ class ValueInfo:
     shape: tuple[Dim, ...] | None = None
     type_proto: onnx.TypeProto | None = None
     doc_string: str = ""
+    # The imported proto, written back as it was while dtype and shape are unchanged (keeps denotations,
+    # untyped entries and element-type-0 shapes byte-exact).
+    proto: onnx.ValueInfoProto | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_tensor(self) -> bool:
@@ -72,6 +75,9 @@ class Node:
     graph: Graph | None = field(default=None, repr=False)
     # Proto fields that the imported NodeProto set explicitly to "" (kept so round trips are byte-exact).
     explicit_empty: tuple[str, ...] = field(default=(), repr=False)
+    # Attribute names in the imported NodeProto's order (subgraph attributes included).
+    attribute_order: tuple[str, ...] = field(default=(), repr=False)
+    domain_spelling: str = field(default="", repr=False)  # "ai.onnx" when the import spelled it so
 
     # -- attributes -------------------------------------------------------------------------------
     def attr(self, name: str, default: Any = None) -> Any:
@@ -138,6 +144,12 @@ class Graph:
         self.metadata_props: dict[str, str] = {}
         self.functions: list[onnx.FunctionProto] = []
         self.sparse_initializers: list[onnx.SparseTensorProto] = []
+        self.graph_metadata_props: dict[str, str] = {}
+        self.training_info: list[onnx.TrainingInfoProto] = []
+        # value_info entries that describe interface values or initializers, and the imported value_info
+        # order; both only serve byte-exact round trips.
+        self.value_info_extra: dict[str, ValueInfo] = {}
+        self.value_info_order: list[str] = []
         self._ids = itertools.count()
         self._nodes: dict[int, Node] = {}
         self._producer: dict[str, tuple[int, int]] = {}
@@ -296,7 +308,9 @@ class Graph:
         """
         if isinstance(outputs, int):
             stem = name or op_type.lower()
-            outputs = [self.unique_name(f"{stem}_out{i}" if outputs > 1 else f"{stem}_out") for i in range(outputs)]
+            outputs = [
+                self.unique_name(f"{stem}_out{i}" if outputs > 1 else f"{stem}_out") for i in range(outputs)
+            ]
         node = Node(
             id=next(self._ids),
             op_type=op_type,
@@ -319,7 +333,9 @@ class Graph:
         for out in node.outputs:
             if out and out in self._producer:
                 other = self._nodes[self._producer[out][0]]
-                raise IRError(f"value '{out}' would be defined twice (already by {other.label})", node=node.label)
+                raise IRError(
+                    f"value '{out}' would be defined twice (already by {other.label})", node=node.label
+                )
         node.graph = self
         self._claim(*node.outputs)
         self._nodes[node.id] = node
@@ -347,7 +363,9 @@ class Graph:
             for out in node.outputs:
                 if out and self.is_used(out):
                     users = ", ".join(n.label for n in self.consumers(out)) or "a graph output"
-                    raise IRError(f"cannot remove node: its output '{out}' is still used by {users}", node=node.label)
+                    raise IRError(
+                        f"cannot remove node: its output '{out}' is still used by {users}", node=node.label
+                    )
         for slot, value in enumerate(node.inputs):
             self._drop_use(value, node.id, slot)
         for k, value in enumerate(node.implicit_inputs):
@@ -552,6 +570,7 @@ class Graph:
         node.implicit_inputs = tuple(wanted)
         for k, value in enumerate(wanted):
             self._add_use(value, node.id, -1 - k)
+        self._changed()  # what this graph reads from outside changed too: tell its own owner
 
     def _rename_free(self, old: str, new: str) -> None:
         """Rename reads of an enclosing-scope value inside this subgraph (recursively)."""

@@ -38,7 +38,7 @@ def structural_hash(graph: Graph) -> str:
     return h.hexdigest()[:16]
 
 
-def _hash_graph(graph: Graph, h: "hashlib._Hash") -> None:
+def _hash_graph(graph: Graph, h: hashlib._Hash) -> None:
     h.update(f"graph {graph.name} in={graph.inputs} out={graph.outputs};".encode())
     for name in sorted(graph.values):
         info = graph.values[name]
@@ -48,6 +48,7 @@ def _hash_graph(graph: Graph, h: "hashlib._Hash") -> None:
         h.update(f"w {name} {arr.dtype} {arr.shape} {graph.initializers.token(name)};".encode())
     for node in graph.nodes():
         h.update(f"n {node.domain}:{node.op_type} {node.name} {node.inputs} {node.outputs};".encode())
+        h.update(f"d {node.doc_string!r} {sorted(node.metadata.items())};".encode())
         for key in sorted(node.attributes):
             h.update(key.encode())
             h.update(node.attributes[key].SerializeToString(deterministic=True))
@@ -80,7 +81,7 @@ def summarize(graph: Graph) -> Summary:
 
 
 def summary_delta(before: Summary, after: Summary) -> str:
-    """"+2 Gelu, -10 Mul, -8 Erf; params 1,234 -> 1,234; bytes 4.9 MB -> 2.4 MB"."""
+    """ "+2 Gelu, -10 Mul, -8 Erf; params 1,234 -> 1,234; bytes 4.9 MB -> 2.4 MB"."""
     changes = []
     for op in sorted(set(before.ops) | set(after.ops)):
         d = after.ops[op] - before.ops[op]

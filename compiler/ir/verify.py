@@ -29,12 +29,20 @@ def _verify_scope(graph: Graph) -> None:
     for node in graph.nodes():
         for slot, value in enumerate(node.inputs):
             if value and not graph.visible(value):
-                raise IRError(f"input {slot} '{value}' is not defined by any node, input or initializer", node=node.label)
+                raise IRError(
+                    f"input {slot} '{value}' is not defined by any node, input or initializer",
+                    node=node.label,
+                )
             if value and graph.defines(value) and (node, slot) not in graph.uses(value):
-                raise IRError(f"internal: use of '{value}' at slot {slot} is missing from the use index", node=node.label)
+                raise IRError(
+                    f"internal: use of '{value}' at slot {slot} is missing from the use index",
+                    node=node.label,
+                )
         for value in node.implicit_inputs:
             if not graph.visible(value):
-                raise IRError(f"a subgraph reads '{value}', which no enclosing scope defines", node=node.label)
+                raise IRError(
+                    f"a subgraph reads '{value}', which no enclosing scope defines", node=node.label
+                )
         for slot, value in enumerate(node.outputs):
             if value:
                 entry = graph.producer_slot(value)
@@ -42,6 +50,10 @@ def _verify_scope(graph: Graph) -> None:
                     raise IRError(f"internal: producer index of '{value}' is stale", node=node.label)
                 if value in graph.inputs or value in graph.initializers:
                     raise IRError(f"output '{value}' redefines a graph input or initializer", node=node.label)
+                if graph.parent is not None and graph.parent.visible(value):
+                    raise IRError(
+                        f"output '{value}' redefines a value of an enclosing graph", node=node.label
+                    )
         for sub in node.all_subgraphs():
             _verify_scope(sub)
     edges = sum(1 for _ in graph.nx.edges(keys=True))
@@ -52,7 +64,9 @@ def _verify_scope(graph: Graph) -> None:
         if value and graph.producer(value) is not None
     )
     if edges != expected:
-        raise IRError(f"internal: graph '{graph.name}' has {edges} edges but its nodes read {expected} produced values")
+        raise IRError(
+            f"internal: graph '{graph.name}' has {edges} edges but its nodes read {expected} produced values"
+        )
     for value in graph.outputs:
         if not graph.visible(value):
             raise IRError(f"graph output '{value}' is not produced by any node, input or initializer")
@@ -77,15 +91,19 @@ def verify(graph: Graph, *, check_schemas: bool = True, infer_shapes: bool = Tru
             raise IRError(f"shape inference: {_first_line(exc)}") from exc
 
 
-def _strip_elided(gp: onnx.GraphProto) -> None:
-    """Turn elided tensors into graph inputs of the same type so that the checker sees a valid model."""
+def _strip_elided(gp: onnx.GraphProto, root: onnx.GraphProto | None = None) -> None:
+    """Elided tensors become inputs of the main graph (names are model-unique, so subgraphs still see
+    them): an If branch or a Loop body must not gain inputs."""
+    root = gp if root is None else root
+    declared = {vi.name for vi in root.input}
     keep = []
-    declared = {vi.name for vi in gp.input}
     for tensor in gp.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            if tensor.name in declared:
-                continue
-            gp.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+            if tensor.name not in declared:
+                root.input.append(
+                    onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+                )
+                declared.add(tensor.name)
         else:
             keep.append(tensor)
     del gp.initializer[:]
@@ -93,10 +111,10 @@ def _strip_elided(gp: onnx.GraphProto) -> None:
     for node in gp.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                _strip_elided(attr.g)
+                _strip_elided(attr.g, root)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    _strip_elided(g)
+                    _strip_elided(g, root)
 
 
 def _first_line(exc: Exception) -> str:

@@ -80,6 +80,7 @@ class WeightStore(MutableMapping[str, np.ndarray]):
         self._tokens: dict[str, int] = {}
         self._digests: dict[int, str] = {}
         self._doc: dict[str, str] = {}
+        self._encoded: dict[str, tuple[int, onnx.TensorProto]] = {}
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self._arrays[name]
@@ -115,6 +116,18 @@ class WeightStore(MutableMapping[str, np.ndarray]):
         if name is not None:
             return int(self._arrays[name].nbytes)
         return int(sum(a.nbytes for a in self._arrays.values()))
+
+    def keep_encoding(self, name: str, tensor: onnx.TensorProto) -> None:
+        """Remember a small tensor imported in typed fields (not raw_data), to write it back the same way
+        while unchanged (byte-identical round trips)."""
+        if not tensor.HasField("raw_data") and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            kept = onnx.TensorProto()
+            kept.CopyFrom(tensor)  # a copy: a reference would keep the whole imported model alive
+            self._encoded[name] = (self._tokens[name], kept)
+
+    def encoded(self, name: str) -> onnx.TensorProto | None:
+        entry = self._encoded.get(name)
+        return entry[1] if entry is not None and entry[0] == self._tokens.get(name) else None
 
     def set_doc(self, name: str, doc: str) -> None:
         self._doc[name] = doc

@@ -106,7 +106,9 @@ def register_pass(name: str):
     def wrap(cls: type[Pass]) -> type[Pass]:
         existing = _REGISTRY.get(name)
         if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
-            raise ValueError(f"pass '{name}' is registered twice ({existing.__module__} and {cls.__module__})")
+            raise ValueError(
+                f"pass '{name}' is registered twice ({existing.__module__} and {cls.__module__})"
+            )
         cls.name = name
         _REGISTRY[name] = cls
         return cls

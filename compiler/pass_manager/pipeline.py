@@ -80,10 +80,12 @@ def _parse_step(item: Any, path: tuple[Any, ...]) -> Step:
                 raise PipelineSyntaxError("'fixpoint' takes a non-empty list of passes", (*path, "fixpoint"))
             max_it = item.get("max_iterations", 8)
             if not isinstance(max_it, int) or max_it < 1:
-                raise PipelineSyntaxError("max_iterations must be a positive integer", (*path, "max_iterations"))
+                raise PipelineSyntaxError(
+                    "max_iterations must be a positive integer", (*path, "max_iterations")
+                )
             return FixedPoint([_parse_step(s, (*path, "fixpoint", i)) for i, s in enumerate(body)], max_it)
         if isinstance(item, dict) and len(item) == 1:
-            (name, options), = item.items()
+            ((name, options),) = item.items()
             if options is None:
                 options = {}
             if not isinstance(options, dict):
@@ -195,7 +197,10 @@ class PassManager:
             detail = f"raised {type(exc).__name__}: {exc}"
             raise self._fail(p, graph, exc, index, before_snapshot, detail) from exc
         seconds = time.perf_counter() - t0
-        hash_after = structural_hash(graph)
+        try:
+            hash_after = structural_hash(graph)  # walks the graph: raises on a cycle the pass made
+        except IRError as exc:
+            raise self._fail(p, graph, exc, index, before_snapshot, f"left an invalid graph: {exc}") from exc
         moved = hash_after != hash_before
         if moved and not result.changed:
             err = IRError("reported 'unchanged' but the graph's structural hash moved (a bug in the pass)")
@@ -216,7 +221,9 @@ class PassManager:
             try:
                 verify(graph)
             except IRError as exc:
-                raise self._fail(p, graph, exc, index, before_snapshot, f"left an invalid graph: {exc}") from exc
+                raise self._fail(
+                    p, graph, exc, index, before_snapshot, f"left an invalid graph: {exc}"
+                ) from exc
             record.verified = True
         report.records.append(record)
         for inst in self.instruments:
@@ -235,7 +242,9 @@ class PassManager:
         return PassError(p.name, detail, dumps=dumps)
 
 
-def _write_reproducer(directory: Path, p: Pass, graph: Graph, exc: BaseException, index: int, before) -> list[Path]:
+def _write_reproducer(
+    directory: Path, p: Pass, graph: Graph, exc: BaseException, index: int, before
+) -> list[Path]:
     import onnx.printer
 
     from llmc.ir import to_text

@@ -27,7 +27,9 @@ class Runner(Protocol):
     inputs: list[TensorSig]
     outputs: list[TensorSig]
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]: ...
+    def run(
+        self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]: ...
 
 
 _ORT_TYPES = {
@@ -82,7 +84,9 @@ class OrtRunner:
         self.inputs = [_sig(a) for a in self.session.get_inputs()]
         self.outputs = [_sig(a) for a in self.session.get_outputs()]
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def run(
+        self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
         names = list(outputs) if outputs is not None else [o.name for o in self.outputs]
         values = self.session.run(names, feeds)
         return dict(zip(names, values, strict=True))
