@@ -10,7 +10,7 @@ import importlib
 
 from llmc.errors import TargetError
 
-_TARGETS = {"cpu": "llmc.targets.cpu.target:CpuTarget"}
+_TARGETS = {"cpu": "llmc.targets.cpu.target:CpuTarget", "tpu": "llmc.targets.tpu.target:TpuTarget"}
 
 
 def get_target(name: str, options=None):

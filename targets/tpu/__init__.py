@@ -1,0 +1,1 @@
+"""The TPU target: ONNX -> JAX -> StableHLO (``jax.export``), checked on XLA:CPU."""
