@@ -64,7 +64,9 @@ class IRError(ModelError):
 class PassError(LlmcError):
     """A pass raised or left a broken graph; the dumps named in ``dumps`` stay on disk."""
 
-    def __init__(self, pass_name: str, message: str, *, dumps: list[Path] | None = None, hint: str | None = None):
+    def __init__(
+        self, pass_name: str, message: str, *, dumps: list[Path] | None = None, hint: str | None = None
+    ):
         self.pass_name = pass_name
         self.dumps = dumps or []
         text = f"pass '{pass_name}': {message}"

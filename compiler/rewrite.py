@@ -19,7 +19,7 @@ the reason of the deepest failed step, which the explain report needs.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -46,7 +46,8 @@ class Op:
 
     ``attrs`` maps attribute names to required values or to predicates ``f(value) -> bool``; ``name`` binds
     the node; ``output`` is which output of the node the parent consumes; ``commutative`` overrides the
-    default for the op (binary ops in ``COMMUTATIVE`` are tried in both orders).
+    default for the op (binary ops in ``COMMUTATIVE`` are tried in both orders); ``shared`` allows the
+    node's outputs to be used outside the match (the rewrite then replaces them, e.g. a residual sum).
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class Op:
         output: int = 0,
         commutative: bool | None = None,
         allow_extra_inputs: bool = False,
+        shared: bool = False,
     ) -> None:
         self.op_types = (op_type,) if isinstance(op_type, str) else tuple(op_type)
         self.inputs = inputs
@@ -68,6 +70,7 @@ class Op:
         self.output = output
         self.commutative = commutative
         self.allow_extra_inputs = allow_extra_inputs
+        self.shared = shared  # its outputs may have uses outside the match (the rewrite must replace them)
 
     def __repr__(self) -> str:
         return "|".join(self.op_types)
@@ -81,12 +84,17 @@ class Match:
     nodes: dict[str, Node] = field(default_factory=dict)
     values: dict[str, str] = field(default_factory=dict)
     matched: list[Node] = field(default_factory=list)
+    shared: frozenset[int] = frozenset()  # ids of matched nodes whose outputs may be used elsewhere
 
     def __getitem__(self, key: str) -> str:
         return self.values[key]
 
     def node(self, key: str) -> Node:
         return self.nodes[key]
+
+
+class NotASite(str):
+    """A check's answer for a node that is no candidate at all (not reported as a near miss)."""
 
 
 @dataclass
@@ -96,18 +104,20 @@ class _Failure:
 
 
 class _Matcher:
+    """Backtracking matcher: every way a pattern can bind (commutative orders, repeated variables) is tried."""
+
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
         self.best = _Failure(-1, "")
 
-    def fail(self, depth: int, reason: str) -> bool:
+    def fail(self, depth: int, reason: str) -> None:
         if depth > self.best.depth:
             self.best = _Failure(depth, reason)
-        return False
 
-    def match_value(self, pattern: Op | Var | None, value: str, m: Match, depth: int) -> bool:
+    def match_value(self, pattern: Op | Var | None, value: str, m: Match, depth: int) -> Iterator[Match]:
         if pattern is None:
-            return True
+            yield m
+            return
         if isinstance(pattern, Var):
             if pattern.constant and self.graph.constant(value) is None:
                 return self.fail(depth, f"'{value}' is not a constant (for {pattern.name})")
@@ -118,8 +128,8 @@ class _Matcher:
                 return self.fail(
                     depth, f"{pattern.name} must be the same value in both places ('{bound}' vs '{value}')"
                 )
-            m.values[pattern.name] = value
-            return True
+            yield Match(m.root, m.nodes, {**m.values, pattern.name: value}, m.matched, m.shared)
+            return
         entry = self.graph.producer_slot(value) if value else None
         if entry is None:
             return self.fail(
@@ -130,9 +140,9 @@ class _Matcher:
             return self.fail(
                 depth, f"'{value}' is output {slot} of {node.label}, expected output {pattern.output}"
             )
-        return self.match_node(pattern, node, m, depth)
+        yield from self.match_node(pattern, node, m, depth)
 
-    def match_node(self, pattern: Op, node: Node, m: Match, depth: int) -> bool:
+    def match_node(self, pattern: Op, node: Node, m: Match, depth: int) -> Iterator[Match]:
         if node.op_type not in pattern.op_types or node.domain != pattern.domain:
             return self.fail(depth, f"expected {pattern} but found {node.op_type} at {node.label}")
         if any(n is node for n in m.matched):
@@ -151,17 +161,20 @@ class _Matcher:
         commutative = pattern.commutative if pattern.commutative is not None else node.op_type in COMMUTATIVE
         if commutative and n_in == 2:
             orders.append([1, 0])
+        nodes = {**m.nodes, pattern.name: node} if pattern.name else m.nodes
+        shared = m.shared | {node.id} if pattern.shared else m.shared
+        start = Match(m.root, nodes, m.values, [*m.matched, node], shared)
         for order in orders:
-            trial = Match(m.root, dict(m.nodes), dict(m.values), [*m.matched, node])
-            if pattern.name:
-                trial.nodes[pattern.name] = node
-            if all(
-                self.match_value(pattern.inputs[k], node.inputs[i], trial, depth + 1)
-                for k, i in enumerate(order)
-            ):
-                m.nodes, m.values, m.matched = trial.nodes, trial.values, trial.matched
-                return True
-        return False
+            yield from self._inputs(pattern, node, order, 0, start, depth + 1)
+
+    def _inputs(
+        self, pattern: Op, node: Node, order: list[int], k: int, m: Match, depth: int
+    ) -> Iterator[Match]:
+        if k == len(order):
+            yield m
+            return
+        for bound in self.match_value(pattern.inputs[k], node.inputs[order[k]], m, depth):
+            yield from self._inputs(pattern, node, order, k + 1, bound, depth)
 
 
 def _attr_equal(have: Any, want: Any) -> bool:
@@ -174,7 +187,12 @@ def _attr_equal(have: Any, want: Any) -> bool:
 
 @dataclass
 class RewriteRule:
-    """pattern -> check -> rewrite. ``rewrite(builder, match)`` returns the values replacing the root's outputs."""
+    """pattern -> check -> rewrite.
+
+    ``rewrite(builder, match)`` returns the values replacing the root's outputs, or a dict ``{old: new}`` when
+    it replaces other values too (attention also replaces the KV-cache concatenations). ``check`` may store
+    what it found in ``match.values``/``match.nodes`` for ``rewrite`` to use.
+    """
 
     name: str
     pattern: Op
@@ -182,24 +200,29 @@ class RewriteRule:
     check: Callable[[Graph, Match], str | None] | None = None
 
     def try_match(self, graph: Graph, node: Node) -> tuple[Match | None, _Failure]:
+        """The first binding that passes the use and ``check`` tests, else the most telling failure."""
         matcher = _Matcher(graph)
-        m = Match(node)
-        if not matcher.match_node(self.pattern, node, m, 0):
-            return None, matcher.best
-        outside = _outside_uses(graph, m)
-        if outside:
-            return None, _Failure(99, outside)
-        if self.check is not None:
-            reason = self.check(graph, m)
-            if reason:
-                return None, _Failure(100, reason)
-        return m, _Failure(-1, "")
+        failure = None
+        for m in matcher.match_node(self.pattern, node, Match(node), 0):
+            outside = _outside_uses(graph, m)
+            if outside:
+                failure = failure or _Failure(99, outside)
+                continue
+            if self.check is not None:
+                m = Match(m.root, dict(m.nodes), dict(m.values), list(m.matched), m.shared)
+                reason = self.check(graph, m)
+                if reason:
+                    depth = -1 if isinstance(reason, NotASite) else 100
+                    failure = _Failure(depth, reason) if failure is None or failure.depth < depth else failure
+                    continue
+            return m, _Failure(-1, "")
+        return None, failure or matcher.best
 
 
 def _outside_uses(graph: Graph, m: Match) -> str | None:
     inside = {id(n) for n in m.matched}
     for node in m.matched:
-        if node is m.root:
+        if node is m.root or node.id in m.shared:
             continue
         for out in node.outputs:
             if not out:
@@ -237,7 +260,7 @@ class Builder:
             inputs,
             [self.graph.unique_name(f"{name or self.stem}/{op_type}_out{i}") for i in range(outputs)],
             domain=domain,
-            name=name or f"{self.stem}/{op_type}",
+            name=self.graph.unique_node_name(name or f"{self.stem}/{op_type}"),
             attributes={k: v for k, v in attrs.items() if v is not None},
             order=self.order,
             metadata={RULE_KEY: self.rule},
@@ -278,7 +301,7 @@ class RuleSet:
     name: str
     rules: list[RewriteRule]
     max_rounds: int = 4
-    min_miss_depth: int = 1  # a miss is worth reporting once the pattern matched past its root
+    min_miss_depth: int = 2  # a miss is worth reporting once the pattern matched two levels deep
 
     def apply(self, graph: Graph) -> RewriteReport:
         report = RewriteReport()
@@ -314,11 +337,18 @@ class RuleSet:
 def _apply(graph: Graph, rule: RewriteRule, m: Match) -> None:
     builder = Builder(graph, rule.name, m.root)
     new = rule.rewrite(builder, m)
-    new = [new] if isinstance(new, str) else list(new)
-    outs = [o for o in m.root.outputs]
-    for i, value in enumerate(new):
-        if i < len(outs) and outs[i] and value != outs[i]:
-            graph.replace_all_uses(outs[i], value)
+    if isinstance(new, dict):  # {old value: new value}: a rule that also replaces values besides the root's
+        replacements = dict(new)
+    else:
+        new = [new] if isinstance(new, str) else list(new)
+        replacements = {old: value for old, value in zip(m.root.outputs, new, strict=False) if old}
+    for old, value in replacements.items():
+        if value == old:
+            continue
+        info = graph.values.get(old)
+        if info is not None and value not in graph.values:  # the replacement has the type of what it replaces
+            graph.set_value_info(value, info.dtype, info.shape)
+        graph.replace_all_uses(old, value)
     for node in sorted(m.matched, key=lambda n: -n.order):
         if node in graph and not any(graph.is_used(o) for o in node.outputs if o):
             graph.remove_node(node)

@@ -50,6 +50,7 @@ class ModelSpec(_Strict):
 class CpuTargetSpec(_Strict):
     """The onnxruntime CPU target."""
 
+    contrib_ops: bool = Field(default=True, description="legalize into onnxruntime com.microsoft contrib ops")
     threads: int | None = Field(default=None, ge=1, description="intra-op threads (default: all cores)")
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
     external_data: bool | None = Field(

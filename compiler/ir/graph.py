@@ -157,6 +157,7 @@ class Graph:
         self._next_order = 0.0
         self._name_counter = itertools.count()
         self._taken: set[str] | None = None
+        self._node_names: set[str] | None = None
 
     # -- queries ----------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -281,6 +282,18 @@ class Graph:
                 root._taken.add(candidate)
                 return candidate
 
+    def unique_node_name(self, base: str) -> str:
+        """A node name no other node of the model has (onnxruntime refuses repeated names)."""
+        root = self.root()
+        if root._node_names is None:
+            root._node_names = {n.name for _g, n in root.walk() if n.name}
+        name, k = base, 0
+        while name in root._node_names:
+            k += 1
+            name = f"{base}_{k}"
+        root._node_names.add(name)
+        return name
+
     def _claim(self, *names: str) -> None:
         root = self.root()
         if root._taken is not None:
@@ -338,6 +351,8 @@ class Graph:
                 )
         node.graph = self
         self._claim(*node.outputs)
+        if name and self.root()._node_names is not None:
+            self.root()._node_names.add(name)
         self._nodes[node.id] = node
         self.nx.add_node(node.id)
         for slot, out in enumerate(node.outputs):

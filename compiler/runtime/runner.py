@@ -83,6 +83,9 @@ class OrtRunner:
         self.session = ort.InferenceSession(os.fspath(model_path), options, providers=list(providers))
         self.inputs = [_sig(a) for a in self.session.get_inputs()]
         self.outputs = [_sig(a) for a in self.session.get_outputs()]
+        meta = self.session.get_modelmeta().custom_metadata_map
+        # Outputs computed for the last sequence position only (the logits-last-token pass).
+        self.last_token_outputs = [n for n in meta.get("llmc.last_token_outputs", "").split(",") if n]
 
     def run(
         self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None
