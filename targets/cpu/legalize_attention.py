@@ -11,7 +11,9 @@ onnxruntime's contrib kernels take the projections' 3-D outputs directly:
 
 GroupQueryAttention's mask is causal with right padding; it is chosen only when the Attention's mask is
 computed from the graph input ``attention_mask`` (how every decoder export builds it), which is the contract
-of llmc's Generator (prompts are not left-padded). Sites that do not fit stay standard, with the reason.
+of llmc's Generator (prompts are not left-padded). onnxruntime's kernel also takes several new tokens after
+a non-empty cache only for batch 1 (prefill of a batch and one-token decode of a batch are fine). Sites that
+do not fit stay standard, with the reason; ``contrib_ops: false`` on the target keeps them all standard.
 """
 
 from __future__ import annotations
