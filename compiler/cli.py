@@ -199,6 +199,22 @@ def inspect(
     sys.stdout.write(to_text(graph) + "\n")
 
 
+# -- explain --------------------------------------------------------------------------------------------
+@app.command()
+def explain(
+    artifact: Annotated[Path, typer.Argument(help="an artifact folder written by llmc compile")],
+) -> None:
+    """For each fusion: how many sites fused, and for the sites that matched partly, why they were not."""
+    from llmc.driver import explain_lines
+    from llmc.targets.base import read_manifest
+
+    manifest = read_manifest(artifact)
+    records = manifest.get("pipeline", {}).get("passes", [])
+    console.print(f"[bold]{artifact}[/]: pipeline `{manifest.get('pipeline', {}).get('text', '')}`")
+    for line in explain_lines(records):
+        console.print(line, markup=False, highlight=False)
+
+
 # -- passes, schema -------------------------------------------------------------------------------------
 @app.command()
 def passes() -> None:

@@ -171,7 +171,9 @@ def _build_target(
     target = get_target(name, getattr(spec.targets, name))
     t0 = time.perf_counter()
     progress("legalize", {"target": name})
-    legalize = PassManager(target.legalize_pipeline(), ctx=PassContext(target=name)).run(graph)
+    legalize = PassManager(
+        target.legalize_pipeline(), ctx=PassContext(target=name), first_index=len(report.records) + 1
+    ).run(graph)
     ctx = EmitContext(
         spec_digest=spec.digest(),
         spec_name=spec.name or (spec.file.stem if spec.file else ""),
@@ -237,6 +239,23 @@ def _moved(target: TargetResult, staged_root: Path, out_dir: Path) -> TargetResu
     return target
 
 
+def explain_lines(records: list[Any]) -> list[str]:
+    """Markdown lines: per rewrite pass, what fused and which sites were rejected, and why."""
+    lines = []
+    for r in records:
+        details = r["details"] if isinstance(r, dict) else r.details
+        name = r["name"] if isinstance(r, dict) else r.name
+        fused = details.get("fused", {})
+        rejected = details.get("rejected", [])
+        if not fused and not rejected:
+            continue
+        counts = ", ".join(f"{rule} ×{n}" for rule, n in fused.items()) or "nothing fused"
+        lines.append(f"- **{name}**: {counts}")
+        for miss in rejected:
+            lines.append(f"  - not fused at `{miss['site']}` ({miss['rule']}): {miss['reason']}")
+    return lines or ["(no rewrite pass reported sites)"]
+
+
 def _write_report(spec: Spec, result: CompileResult, target: TargetResult) -> None:
     lines = [
         f"# llmc compile report: {spec.name or (spec.file.stem if spec.file else 'spec')} → {target.name}",
@@ -259,6 +278,7 @@ def _write_report(spec: Spec, result: CompileResult, target: TargetResult) -> No
             f"| {r.index} | {r.name} | {r.seconds * 1000:.1f} | {r.nodes_before} | {r.nodes_after} | "
             f"{'yes' if r.changed else 'no'} | {stats} |"
         )
+    lines += ["", "## Fusion sites", ""] + explain_lines(result.pipeline.records + target.legalize.records)
     lines += ["", "## Verification", ""]
     lines.append(target.golden.markdown() if target.golden else "verification disabled in the spec")
     lines += ["", "## Timings", ""]

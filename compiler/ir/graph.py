@@ -350,6 +350,9 @@ class Graph:
                     f"value '{out}' would be defined twice (already by {other.label})", node=node.label
                 )
         node.graph = self
+        root = self.root()
+        if node.domain and node.domain not in root.opset_imports:
+            root.opset_imports[node.domain] = 1  # custom domains (com.microsoft...) are versioned 1
         self._claim(*node.outputs)
         if name and self.root()._node_names is not None:
             self.root()._node_names.add(name)

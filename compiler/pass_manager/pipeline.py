@@ -143,6 +143,7 @@ class PassManager:
         verify_each: bool = True,
         failure_dir: Path | None = None,
         on_pass_start: Any = None,
+        first_index: int = 1,
     ) -> None:
         self.pipeline = pipeline
         self.ctx = ctx or PassContext()
@@ -150,7 +151,7 @@ class PassManager:
         self.verify_each = verify_each
         self.failure_dir = failure_dir
         self.on_pass_start = on_pass_start
-        self._index = 0
+        self._index = first_index - 1
 
     def run(self, graph: Graph) -> PipelineReport:
         report = PipelineReport()
