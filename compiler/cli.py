@@ -14,6 +14,7 @@ from typing import Annotated
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from llmc.errors import LlmcError, ModelError, VerificationError
@@ -126,8 +127,12 @@ def run(
     from llmc.golden import load_inputs, make_inputs
     from llmc.runtime.artifact import load_artifact
 
-    runner, _manifest = load_artifact(artifact)
-    feeds = load_inputs(inputs, runner.inputs) if inputs else make_inputs(runner.inputs, seed=seed)
+    runner, manifest = load_artifact(artifact)
+    if inputs:
+        feeds = load_inputs(inputs, runner.inputs)
+    else:  # static-shape targets (tpu) take the shapes of their first bucket
+        bucket = (manifest.get("buckets") or [{}])[0].get("inputs", {})
+        feeds = make_inputs(runner.inputs, seed=seed, shapes={k: list(v) for k, v in bucket.items()})
     if out is not None and out.exists():
         raise ModelError(f"{out} already exists; not overwriting it")
     results: dict[str, np.ndarray] = {}
@@ -170,7 +175,13 @@ def inspect(
     model_path = path
     if path.is_dir():
         manifest = read_manifest(path)
-        model_path = path / manifest.get("model", "model.onnx")
+        if "model" not in manifest:  # not an ONNX artifact (tpu: StableHLO modules): show its manifest
+            if format == "json":
+                sys.stdout.write(json.dumps(manifest, indent=2) + "\n")
+            else:
+                _print_manifest(manifest)
+            return
+        model_path = path / manifest["model"]
     graph = load_model(model_path)
     info = describe(graph, model_path)
     if format == "json":
@@ -197,6 +208,21 @@ def inspect(
         ops.add_row(op, str(count))
     console.print(ops)
     sys.stdout.write(to_text(graph) + "\n")
+
+
+def _print_manifest(manifest: dict) -> None:
+    console.print(f"[bold]target[/] {manifest.get('target')}  task {manifest.get('task')}")
+    for key in ("inputs", "outputs"):
+        for row in manifest.get(key, []):
+            console.print(f"  {key[:-1]} {row.get('name')}: {row.get('dtype')} {row.get('shape')}")
+    table = Table(title="files")
+    table.add_column("file")
+    table.add_column("bytes", justify="right")
+    for name, size in manifest.get("files", {}).items():
+        table.add_row(name, f"{size:,}")
+    console.print(table)
+    for bucket in manifest.get("buckets", []):
+        console.print(f"  bucket {bucket.get('dims')}: {bucket.get('module')}")
 
 
 # -- explain --------------------------------------------------------------------------------------------
@@ -257,7 +283,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except LlmcError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         if _state["debug"]:
             err_console.print_exception()
         sys.exit(exc.exit_code)
@@ -274,7 +300,9 @@ def main() -> None:
         if isinstance(exc, click.exceptions.ClickException):
             exc.show()
             sys.exit(2)
-        err_console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}", highlight=False)
+        err_console.print(
+            f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False
+        )
         if _state["debug"]:
             err_console.print_exception()
         else:
