@@ -103,10 +103,16 @@ def compile(
         if target.golden is not None:
             worst = min((r.cosine for r in target.golden.rows), default=1.0)
             max_abs = max((r.max_abs for r in target.golden.rows), default=0.0)
-            console.print(
-                f"[green]verified[/] {target.name}: {len(target.golden.rows)} outputs × {target.golden.samples} samples, "
+            kind = "prompts" if target.golden.tokens else "samples"
+            line = (
+                f"[green]verified[/] {target.name}: {len(target.golden.rows)} outputs × {target.golden.samples} {kind}, "
                 f"max abs {max_abs:.3g}, min cosine {worst:.6f}"
             )
+            if target.golden.tokens:
+                matched = sum(t.matched for t in target.golden.tokens)
+                total = sum(t.total for t in target.golden.tokens)
+                line += f", greedy tokens equal {matched}/{total}"
+            console.print(line)
         console.print(f"[bold green]artifact[/] {target.artifact}")
     if result.dumps:
         console.print(f"IR dumps: {result.dumps}")

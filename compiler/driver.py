@@ -194,7 +194,10 @@ def _build_target(
     if spec.verify.enabled and reference_path is not None:
         t0 = time.perf_counter()
         progress("verify", {"target": name})
-        golden = verify_artifact(spec, reference_path, target.load(artifact))
+        if imported.task == "text-generation" and imported.decoder is not None:
+            golden = verify_decoder(spec, imported, reference_path, target.load(artifact))
+        else:
+            golden = verify_artifact(spec, reference_path, target.load(artifact))
         timings[f"verify.{name}"] = time.perf_counter() - t0
         raise_if_failed(golden, f"target '{name}'")
     return TargetResult(name, artifact, manifest, golden, legalize)
@@ -210,6 +213,42 @@ def verify_artifact(spec: Spec, reference_path: Path, candidate) -> GoldenReport
             reference.inputs, samples=v.samples, seed=v.seed, dims=v.dims, shapes=v.shapes, ranges=v.ranges
         )
     return compare_runners(reference, candidate, feeds, v.tolerances, v.per_output)
+
+
+def verify_decoder(spec: Spec, imported: ImportedModel, reference_path: Path, candidate) -> GoldenReport:
+    """Prefill logits and greedy tokens of the compiled decoder against the ONNX import and/or PyTorch."""
+    from llmc.golden import compare_decoders
+    from llmc.runtime.generator import Generator, TorchGenerator
+    from llmc.runtime.tokenizer import Tokenizer
+
+    v = spec.verify
+    decoder = imported.decoder
+    tokenizer = Tokenizer.from_files(imported.assets) if "tokenizer.json" in imported.assets else None
+    prompts = v.prompts if tokenizer is not None else [[1, 2, 3, 4, 5, 6, 7, 8]]
+    references = {}
+    if v.reference in ("onnx", "both"):
+        runner = OrtRunner(reference_path, graph_optimization_level="basic")
+        references["onnx"] = Generator(runner, decoder, tokenizer)
+    if v.reference in ("pytorch", "both"):
+        references["pytorch"] = TorchGenerator(_pytorch_model(imported), decoder, tokenizer)
+    return compare_decoders(
+        references,
+        Generator(candidate, decoder, tokenizer),
+        prompts,
+        new_tokens=v.new_tokens,
+        tolerances=v.tolerances,
+        min_agreement=v.min_token_agreement,
+    )
+
+
+def _pytorch_model(imported: ImportedModel):
+    from llmc.errors import SpecError as _SpecError
+    from llmc.frontends.hf import load_hf_model
+
+    folder = imported.info.get("hf_folder") or imported.info.get("gguf_cache") or imported.info.get("path")
+    if imported.source not in ("hf", "gguf") or not folder:
+        raise _SpecError(f"verify.reference pytorch needs an hf or gguf model, not '{imported.source}'")
+    return load_hf_model(Path(folder), task="text-generation")
 
 
 def _deterministic(record: dict[str, Any]) -> dict[str, Any]:

@@ -118,16 +118,41 @@ class OutputComparison:
 
 
 @dataclass
-class GoldenReport:
-    rows: list[OutputComparison] = field(default_factory=list)
-    samples: int = 0
+class TokenAgreement:
+    """Teacher-forced greedy agreement of the candidate with a reference's greedy continuation."""
+
+    reference: str
+    prompt: str
+    matched: int
+    total: int
+    first_mismatch: int | None
+    required: float
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.rows)
+        return self.total == 0 or self.matched / self.total >= self.required - 1e-12
 
     def to_json(self) -> dict[str, Any]:
-        return {"passed": self.passed, "samples": self.samples, "outputs": [r.to_json() for r in self.rows]}
+        return {**self.__dict__, "passed": self.passed}
+
+
+@dataclass
+class GoldenReport:
+    rows: list[OutputComparison] = field(default_factory=list)
+    samples: int = 0
+    tokens: list[TokenAgreement] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.rows) and all(t.passed for t in self.tokens)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "samples": self.samples,
+            "outputs": [r.to_json() for r in self.rows],
+            "tokens": [t.to_json() for t in self.tokens],
+        }
 
     def markdown(self) -> str:
         lines = [
@@ -139,6 +164,17 @@ class GoldenReport:
                 f"| {r.name} | {r.max_abs:.3g} | {r.max_rel:.3g} | {r.cosine:.6f} | {r.mismatched}/{r.total} | "
                 f"{'pass' if r.passed else 'FAIL'} |"
             )
+        if self.tokens:
+            lines += [
+                "",
+                "| reference | prompt | greedy tokens equal | first mismatch | result |",
+                "|---|---|---|---|---|",
+            ]
+            for t in self.tokens:
+                lines.append(
+                    f"| {t.reference} | {t.prompt!r} | {t.matched}/{t.total} | {t.first_mismatch} | "
+                    f"{'pass' if t.passed else 'FAIL'} |"
+                )
         return "\n".join(lines)
 
 
@@ -208,6 +244,46 @@ def compare_runners(
             ):
                 worst[name] = row
     return GoldenReport([worst[n] for n in names], samples=len(feeds))
+
+
+def compare_decoders(
+    references: dict[str, Any],
+    candidate: Any,
+    prompts: list[str],
+    *,
+    new_tokens: int,
+    tolerances: Tolerances,
+    min_agreement: float,
+) -> GoldenReport:
+    """Decoders (DecoderLoops): prefill logits within tolerance and teacher-forced greedy token agreement
+    with each reference's greedy continuation, per prompt."""
+    from llmc.runtime.generator import teacher_forced_agreement
+
+    report = GoldenReport(samples=len(prompts))
+    for name, reference in references.items():
+        worst = None
+        for prompt in prompts:
+            ids = candidate.encode(prompt)
+            row = compare_arrays(
+                f"logits[prefill] vs {name}", candidate.prefill(ids)[0], reference.prefill(ids)[0], tolerances
+            )
+            if worst is None or (worst.passed and not row.passed) or row.max_abs > worst.max_abs:
+                worst = row
+            continuation = reference.generate(ids, new_tokens, stop_at_eos=False).tokens
+            agreement = teacher_forced_agreement(candidate, ids, continuation)
+            report.tokens.append(
+                TokenAgreement(
+                    name,
+                    str(prompt),
+                    agreement.matches,
+                    agreement.total,
+                    agreement.first_mismatch,
+                    min_agreement,
+                )
+            )
+        if worst is not None:
+            report.rows.append(worst)
+    return report
 
 
 def raise_if_failed(report: GoldenReport, label: str) -> None:

@@ -76,7 +76,17 @@ class VerifySpec(_Strict):
     """How the compiled model is checked against the reference (the imported, unoptimized model)."""
 
     enabled: bool = True
-    reference: Literal["onnx"] = "onnx"
+    reference: Literal["onnx", "pytorch", "both"] = Field(
+        default="onnx", description="decoders: the unoptimized ONNX import, PyTorch eager (hf/gguf), or both"
+    )
+    prompts: list[str] = Field(
+        default_factory=lambda: ["The capital of France is", "def fibonacci(n):"],
+        description="decoders: prompts for prefill logits and greedy token agreement",
+    )
+    new_tokens: int = Field(default=16, ge=1, description="decoders: greedy tokens compared per prompt")
+    min_token_agreement: float = Field(
+        default=1.0, ge=0, le=1, description="decoders: share of teacher-forced greedy tokens that must match"
+    )
     inputs: str | None = Field(default=None, description=".npz file of inputs (else seeded random inputs)")
     samples: int = Field(default=2, ge=1, description="random input sets")
     seed: int = 0
