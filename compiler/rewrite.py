@@ -85,6 +85,7 @@ class Match:
     values: dict[str, str] = field(default_factory=dict)
     matched: list[Node] = field(default_factory=list)
     shared: frozenset[int] = frozenset()  # ids of matched nodes whose outputs may be used elsewhere
+    data: dict[str, Any] = field(default_factory=dict)  # what a check found, for the rewrite (eps, axis...)
 
     def __getitem__(self, key: str) -> str:
         return self.values[key]
@@ -305,7 +306,7 @@ class RuleSet:
 
     def apply(self, graph: Graph) -> RewriteReport:
         report = RewriteReport()
-        misses: dict[tuple[str, int], Miss] = {}
+        misses: dict[tuple[str, int], tuple[int, Miss]] = {}  # (rule, node id) -> (depth, miss)
         for _ in range(self.max_rounds):
             fired = False
             for node in graph.nodes():
@@ -316,8 +317,10 @@ class RuleSet:
                         continue
                     m, failure = rule.try_match(graph, node)
                     if m is None:
-                        if failure.depth >= self.min_miss_depth:
-                            misses[(rule.name, node.id)] = Miss(rule.name, node.label, failure.reason)
+                        key = (rule.name, node.id)
+                        deeper = key not in misses or failure.depth > misses[key][0]
+                        if failure.depth >= self.min_miss_depth and deeper:  # rules sharing a name: the deepest
+                            misses[key] = (failure.depth, Miss(rule.name, node.label, failure.reason))
                         continue
                     misses.pop((rule.name, node.id), None)
                     _apply(graph, rule, m)
@@ -330,7 +333,9 @@ class RuleSet:
             sub = self.apply(sub_graph)
             report.hits.update(sub.hits)
             report.misses.extend(sub.misses)
-        report.misses[:0] = sorted(misses.values(), key=lambda m: (m.rule, m.site))
+        ids = {n.id for n in graph.nodes()}  # sites that a later rewrite removed are no sites any more
+        live = [miss for (_rule, nid), (_depth, miss) in misses.items() if nid in ids]
+        report.misses[:0] = sorted(live, key=lambda m: (m.rule, m.site))
         return report
 
 

@@ -1,0 +1,1 @@
+"""Fusion passes: rewrite subgraphs into standard ONNX ops (opset 23+); targets legalize them."""
