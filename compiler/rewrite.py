@@ -319,7 +319,8 @@ class RuleSet:
                     if m is None:
                         key = (rule.name, node.id)
                         deeper = key not in misses or failure.depth > misses[key][0]
-                        if failure.depth >= self.min_miss_depth and deeper:  # rules sharing a name: the deepest
+                        # rules sharing a name (several spellings): keep the deepest failure
+                        if failure.depth >= self.min_miss_depth and deeper:
                             misses[key] = (failure.depth, Miss(rule.name, node.label, failure.reason))
                         continue
                     misses.pop((rule.name, node.id), None)
