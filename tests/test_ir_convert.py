@@ -235,6 +235,7 @@ KEPT = {
     "training_info": lambda m: m.training_info.add(),
 }
 
+
 @pytest.mark.parametrize("case", sorted(KEPT))
 def test_variations_round_trip(case):
     model = _small()
