@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from llmc.errors import Location, SpecError
+from llmc.targets.cuda.options import CudaTargetSpec
 from llmc.targets.tpu.options import TpuTargetSpec
 
 Source = Literal["onnx", "torch", "hf", "gguf"]
@@ -61,6 +62,7 @@ class CpuTargetSpec(_Strict):
 class TargetsSpec(_Strict):
     cpu: CpuTargetSpec | None = None
     tpu: TpuTargetSpec | None = None
+    cuda: CudaTargetSpec | None = None
 
 
 class Tolerances(_Strict):

@@ -10,7 +10,11 @@ import importlib
 
 from llmc.errors import TargetError
 
-_TARGETS = {"cpu": "llmc.targets.cpu.target:CpuTarget", "tpu": "llmc.targets.tpu.target:TpuTarget"}
+_TARGETS = {
+    "cpu": "llmc.targets.cpu.target:CpuTarget",
+    "tpu": "llmc.targets.tpu.target:TpuTarget",
+    "cuda": "llmc.targets.cuda.target:CudaTarget",
+}
 
 
 def get_target(name: str, options=None):

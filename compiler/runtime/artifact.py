@@ -9,7 +9,11 @@ from typing import Any
 from llmc.errors import ModelError
 from llmc.targets.base import read_manifest
 
-_LOADERS = {"cpu": "llmc.targets.cpu.target:load_runner", "tpu": "llmc.targets.tpu.target:load_runner"}
+_LOADERS = {
+    "cpu": "llmc.targets.cpu.target:load_runner",
+    "tpu": "llmc.targets.tpu.target:load_runner",
+    "cuda": "llmc.targets.cuda.target:load_runner",
+}
 
 
 def load_artifact(artifact_dir: str | Path) -> tuple[Any, dict[str, Any]]:

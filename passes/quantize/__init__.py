@@ -1,0 +1,1 @@
+"""Quantization and precision passes: weights and activations into lower-precision standard ONNX."""

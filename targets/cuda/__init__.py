@@ -1,0 +1,1 @@
+"""The CUDA target: onnxruntime's CUDA (and optionally TensorRT) execution providers."""
