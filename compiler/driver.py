@@ -257,7 +257,9 @@ def _deterministic(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items() if k != "path"}
+    # the scratch export path and wall-clock export time would make the manifest lie or differ run to run
+    dropped = {"path", "onnx_path", "export_seconds"}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items() if k not in dropped}
 
 
 def _publish(staging: Path, out_dir: Path, keep_reference: bool, single: bool) -> None:

@@ -1,0 +1,1 @@
+"""Small modules and helpers for the frontend tests."""
