@@ -2,7 +2,7 @@
 
 The goldens in tests/golden/<spec>.npz hold the inputs (seeded from the spec's verify section) and the
 outputs the artifact produced when they were recorded; ``pytest --update-golden`` rewrites them. Specs over
-real LLMs (hf/gguf sources) are marked slow; their goldens are token ids, checked in test_real_models.
+real LLMs (hf/gguf sources) have their own slow tests with token-id and embedding goldens (test_real_specs).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ GOLDEN = Path(__file__).parent / "golden"
 def _params():
     for path in SPECS:
         spec = load_spec(path)
-        slow = spec.model.source in ("hf", "gguf")
-        yield pytest.param(path, id=path.stem, marks=[pytest.mark.slow] if slow else [])
+        if spec.model.source in ("hf", "gguf"):
+            continue  # real LLM specs: compiled once, with token/embedding goldens, in test_real_specs.py
+        yield pytest.param(path, id=path.stem)
 
 
 @pytest.mark.parametrize("spec_path", list(_params()))

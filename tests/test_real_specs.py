@@ -1,0 +1,127 @@
+"""Golden tests of the real-model specs (slow): specs/smollm2-cpu.yaml and specs/minilm-cpu.yaml compile with
+their fusion pipelines, and the artifacts reproduce the stored goldens and the PyTorch reference:
+
+- SmolLM2: greedy continuations of fixed prompts (token ids in tests/golden/smollm2-cpu.tokens.json) equal
+  PyTorch eager's for 64 steps, teacher-forced;
+- MiniLM: sentence embeddings (mean-pooled, L2-normalised) of fixed sentences have cosine >= 0.9999 with
+  PyTorch's and with tests/golden/minilm-cpu.embeddings.npz.
+
+``pytest --update-golden`` rewrites the goldens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmc.driver import compile_spec
+from llmc.spec import load_spec
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "golden"
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+SENTENCES = [
+    "The cat sits on the mat.",
+    "A compiler lowers a program through a sequence of intermediate representations.",
+    "Paris is the capital of France.",
+]
+STEPS = 64
+
+
+def _compile(name: str, tmp_path_factory: pytest.TempPathFactory):
+    spec = load_spec(REPO / "specs" / f"{name}.yaml")  # model packages come with scripts/bootstrap.sh
+    return compile_spec(spec, out=tmp_path_factory.mktemp(name) / "artifact")
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    return _compile("smollm2-cpu", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    return _compile("minilm-cpu", tmp_path_factory)
+
+
+def test_smollm2_compiles_with_the_fused_ops(smollm2) -> None:
+    target = smollm2.targets[0]
+    assert target.golden.passed and target.golden.tokens
+    assert all(t.matched == t.total for t in target.golden.tokens)
+    ops = {}
+    for record in smollm2.pipeline.records + target.legalize.records:
+        ops[record.name] = record.stats
+    assert ops["fuse-attention"]["fused"] == 30
+    assert ops["fuse-rotary"]["fused"] == 60
+    assert ops["fuse-rms-norm"]["fused"] == 61
+    assert ops["cpu-attention"]["GroupQueryAttention"] == 30
+    assert ops["cpu-fuse-skip-norm"]["fused"] == 60
+    assert smollm2.timings["total"] < 300
+
+
+def test_smollm2_greedy_tokens_match_golden_and_pytorch(smollm2, update_golden: bool) -> None:
+    from llmc.bench import reference_model
+    from llmc.runtime.generator import TorchGenerator, load_artifact_generator, teacher_forced_agreement
+    from llmc.targets.base import read_manifest
+
+    artifact = smollm2.targets[0].artifact
+    generator = load_artifact_generator(artifact)
+    tokens = {p: generator.generate(p, STEPS, stop_at_eos=False).tokens for p in PROMPTS}
+    golden = GOLDEN / "smollm2-cpu.tokens.json"
+    if update_golden or not golden.exists():
+        golden.write_text(json.dumps(tokens, indent=1) + "\n")
+    assert tokens == json.loads(golden.read_text())
+
+    manifest = read_manifest(artifact)
+    torch_loop = TorchGenerator(reference_model(artifact, manifest), generator.decoder, generator.tokenizer)
+    for prompt in PROMPTS:
+        reference = torch_loop.generate(prompt, STEPS, stop_at_eos=False).tokens
+        agreement = teacher_forced_agreement(generator, prompt, reference)
+        assert agreement.matches == STEPS, f"{prompt!r}: first mismatch at {agreement.first_mismatch}"
+
+
+def _embeddings(artifact: Path) -> np.ndarray:
+    from llmc.bench import mean_pool
+    from llmc.runtime.artifact import load_artifact
+    from llmc.runtime.tokenizer import Tokenizer
+
+    runner, manifest = load_artifact(artifact)
+    tokenizer = Tokenizer.from_files({k: artifact / v for k, v in manifest["assets"].items()})
+    rows = [tokenizer.encode(s) for s in SENTENCES]
+    length = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), length), np.int64)
+    mask = np.zeros((len(rows), length), np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = row, 1
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if any(s.name == "token_type_ids" for s in runner.inputs):
+        feeds["token_type_ids"] = np.zeros_like(ids)
+    hidden = runner.run(feeds)["last_hidden_state"]
+    return mean_pool(hidden, mask), feeds
+
+
+def test_minilm_embeddings_match_golden_and_pytorch(minilm, update_golden: bool) -> None:
+    import torch
+
+    from llmc.bench import mean_pool, reference_model
+    from llmc.targets.base import read_manifest
+
+    artifact = minilm.targets[0].artifact
+    ops = {r.name: r.stats for r in minilm.pipeline.records + minilm.targets[0].legalize.records}
+    assert ops["cpu-attention"]["MultiHeadAttention"] == 6
+    embeddings, feeds = _embeddings(artifact)
+    golden = GOLDEN / "minilm-cpu.embeddings.npz"
+    if update_golden or not golden.exists():
+        np.savez(golden, embeddings=embeddings)
+    stored = np.load(golden)["embeddings"]
+    assert np.min(np.sum(embeddings * stored, axis=-1)) >= 0.9999
+
+    model = reference_model(artifact, read_manifest(artifact))
+    with torch.inference_mode():
+        hidden = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+    reference = mean_pool(hidden, feeds["attention_mask"])
+    assert np.min(np.sum(embeddings * reference, axis=-1)) >= 0.9999
