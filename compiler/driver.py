@@ -172,7 +172,11 @@ def _build_target(
     t0 = time.perf_counter()
     progress("legalize", {"target": name})
     legalize = PassManager(
-        target.legalize_pipeline(), ctx=PassContext(target=name), first_index=len(report.records) + 1
+        target.legalize_pipeline(),
+        ctx=PassContext(
+            target=name, data={"max_length": imported.decoder.max_length if imported.decoder else None}
+        ),
+        first_index=len(report.records) + 1,
     ).run(graph)
     ctx = EmitContext(
         spec_digest=spec.digest(),

@@ -225,6 +225,21 @@ def test_real_exports_fuse_and_legalize(
         _compare(reference, graph, feeds)
 
 
+def test_packed_qkv_with_rotary_inside_group_query_attention(tiny_exports) -> None:
+    reference = tiny_exports["llama"]
+    graph = clone(reference)
+    graph.opset_imports[""] = 23
+    run_pipeline(
+        graph,
+        [*FUSION, "cpu-fuse-skip-norm", {"cpu-attention": {"packed_rotary": True}}, "eliminate-dead-code"],
+    )
+    gqa = graph.find("GroupQueryAttention", domain="com.microsoft")
+    assert len(gqa) == 2 and all(n.attr("do_rotary") == 1 and not n.input(1) for n in gqa)
+    assert not graph.find("RotaryEmbedding")
+    for shape in ((0, 4, 1), (4, 1, 1), (0, 3, 2)):  # positions = past length + offset: no left padding
+        _compare(reference, graph, _decoder_feeds(graph, 2, *shape))
+
+
 def test_merge_qkv_names_the_merged_weight(tiny_exports) -> None:
     graph = clone(tiny_exports["llama"])
     run_pipeline(graph, ["fold-constants", "merge-qkv"])

@@ -138,9 +138,21 @@ class CpuAttention(Pass):
             default="attention_mask", description="graph input the decoder mask is built from"
         )
         group_query: bool = Field(default=True, description="decoders with a KV cache -> GroupQueryAttention")
+        packed_rotary: bool = Field(
+            default=False,
+            description="feed GroupQueryAttention the packed QKV projection and let it apply the rotary embedding "
+            "from cos/sin caches (positions = past length + offset, i.e. position_ids = arange: no left padding)",
+        )
+        rotary_cache_length: int = Field(
+            default=8192,
+            ge=1,
+            description="rows of the cos/sin caches when the decoder's max_length is unknown",
+        )
         multi_head: bool = Field(default=True, description="encoders -> MultiHeadAttention")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        self._cache_length = int(ctx.data.get("max_length") or self.options.rotary_cache_length)
+        self._caches: dict[tuple[str, str], tuple[str, str] | None] = {}
         rejected: list[dict[str, str]] = []
         counts = {"GroupQueryAttention": 0, "MultiHeadAttention": 0}
         lengths = None
@@ -196,6 +208,35 @@ class CpuAttention(Pass):
             return "grouped heads without a KV cache: MultiHeadAttention needs equal head counts", None
         return None, (q, k, v, out)
 
+    def _packed(self, graph: Graph, q: _Heads, k: _Heads, v: _Heads):
+        """(packed qkv, "", "", cos_cache, sin_cache) when q, k, v are the three outputs of one Split of a
+        projection and the rotary tables are cos/sin(position_ids * inv_freq) with a constant inv_freq."""
+        if q.rotary is None or k.rotary is None:
+            return None
+        split = graph.producer(q.linear)
+        if (
+            split is None
+            or split.op_type != "Split"
+            or list(split.outputs) != [q.linear, k.linear, v.linear]
+            or split.attr("axis", 0) not in (-1, 2)
+        ):
+            return None
+        tables = [
+            tuple(_scaled(graph, r.inputs[i], op) for i, op in ((1, "Cos"), (2, "Sin")))
+            for r in (q.rotary, k.rotary)
+        ]
+        if (
+            tables[0] != tables[1]
+        ):  # q and k must rotate by the same angles (the tables' sources, not their names)
+            return None
+        key = (q.rotary.inputs[1], q.rotary.inputs[2])
+        if key not in self._caches:  # one pair of caches for all layers that share the tables
+            self._caches[key] = _rope_caches(graph, *key, self._cache_length)
+        caches = self._caches[key]
+        if caches is None:
+            return None
+        return (split.inputs[0], "", "", *caches)
+
     @staticmethod
     def _rotary_3d(graph: Graph, heads: _Heads, num_heads: int, order: float) -> str:
         if heads.rotary is None:
@@ -220,11 +261,19 @@ class CpuAttention(Pass):
     ):
         heads, kv_heads = node.attr("q_num_heads"), node.attr("kv_num_heads")
         seqlens, total = lengths.get()
-        qr = self._rotary_3d(graph, q, heads, node.order)
-        kr = self._rotary_3d(graph, k, kv_heads, node.order)
+        packed = self._packed(graph, q, k, v) if self.options.packed_rotary else None
+        rotary = {}
+        if packed is not None:
+            query, _key, _value, cos, sin = packed
+            inputs = [query, "", "", node.input(4), node.input(5), seqlens, total, cos, sin]
+            rotary = {"do_rotary": 1, "rotary_interleaved": 0}
+        else:
+            qr = self._rotary_3d(graph, q, heads, node.order)
+            kr = self._rotary_3d(graph, k, kv_heads, node.order)
+            inputs = [qr, kr, v.linear, node.input(4), node.input(5), seqlens, total]
         gqa = graph.add_node(
             "GroupQueryAttention",
-            [qr, kr, v.linear, node.input(4), node.input(5), seqlens, total],
+            inputs,
             [
                 graph.unique_name(f"{out.outputs[0]}/gqa"),
                 graph.unique_name("present_key"),
@@ -236,6 +285,7 @@ class CpuAttention(Pass):
                 "num_heads": heads,
                 "kv_num_heads": kv_heads,
                 "scale": float(node.attr("scale", 0.0)),
+                **rotary,
             },
             order=node.order,
             metadata={RULE_KEY: "cpu-attention"},
@@ -259,6 +309,48 @@ class CpuAttention(Pass):
             metadata={RULE_KEY: "cpu-attention"},
         )
         _replace(graph, out.outputs[0], mha.outputs[0])
+
+
+def _scaled(graph: Graph, value: str, op: str) -> tuple[str | None, float]:
+    """``op(f)`` or ``Mul(op(f), c)`` -> (f, c)."""
+    node, factor = graph.producer(value), 1.0
+    if node is not None and node.op_type == "Mul":
+        for i in (0, 1):
+            c = graph.constant(node.inputs[i])
+            if c is not None and c.size == 1:
+                node, factor = graph.producer(node.inputs[1 - i]), float(c.reshape(()))
+                break
+    if node is None or node.op_type != op:
+        return None, 1.0
+    return node.inputs[0], factor
+
+
+def _rope_caches(graph: Graph, cos: str, sin: str, length: int) -> tuple[str, str] | None:
+    """cos/sin caches [length, d/2] for tables computed as cos/sin(Cast(Unsqueeze(position_ids)) * inv_freq)."""
+    freqs, cos_factor = _scaled(graph, cos, "Cos")
+    freqs_sin, sin_factor = _scaled(graph, sin, "Sin")
+    if freqs is None or freqs != freqs_sin or cos_factor != sin_factor:
+        return None
+    mul = graph.producer(freqs)
+    if mul is None or mul.op_type != "Mul":
+        return None
+    for i in (0, 1):
+        inv_freq = graph.constant(mul.inputs[i])
+        positions = mul.inputs[1 - i]
+        if inv_freq is not None and inv_freq.ndim >= 1 and inv_freq.size == inv_freq.shape[-1]:
+            break
+    else:
+        return None
+    node = graph.producer(positions)
+    while node is not None and node.op_type in ("Cast", "Unsqueeze", "Reshape"):
+        positions = node.inputs[0]
+        node = graph.producer(positions)
+    if positions != "position_ids":
+        return None
+    angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq.reshape(1, -1).astype(np.float32)
+    cos_cache = graph.add_initializer("attention/cos_cache", (np.cos(angles) * cos_factor).astype(np.float32))
+    sin_cache = graph.add_initializer("attention/sin_cache", (np.sin(angles) * cos_factor).astype(np.float32))
+    return cos_cache, sin_cache
 
 
 def _replace(graph: Graph, old: str, new: str) -> None:
