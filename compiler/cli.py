@@ -113,6 +113,8 @@ def compile(
                 total = sum(t.total for t in target.golden.tokens)
                 line += f", greedy tokens equal {matched}/{total}"
             console.print(line)
+        elif getattr(target, "verify_skipped", None):
+            console.print(f"[yellow]not verified[/] {target.name}: {escape(target.verify_skipped)}")
         console.print(f"[bold green]artifact[/] {target.artifact}")
     if result.dumps:
         console.print(f"IR dumps: {result.dumps}")

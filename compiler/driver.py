@@ -22,9 +22,9 @@ from llmc.golden import GoldenReport, compare_runners, load_inputs, make_inputs,
 from llmc.ir import Graph, Summary, clone, save_model, summarize
 from llmc.pass_manager import DumpIR, PassContext, PassManager, Pipeline, PipelineReport
 from llmc.runtime.runner import OrtRunner
-from llmc.spec import Spec
+from llmc.spec import Spec, Tolerances
 from llmc.targets import get_target
-from llmc.targets.base import EmitContext
+from llmc.targets.base import EmitContext, write_manifest
 
 Progress = Callable[[str, dict[str, Any]], None]
 
@@ -36,6 +36,7 @@ class TargetResult:
     manifest: dict[str, Any]
     golden: GoldenReport | None
     legalize: PipelineReport
+    verify_skipped: str | None = None  # why the golden check could not run here (the target says)
 
 
 @dataclass
@@ -194,8 +195,18 @@ def _build_target(
         )
     manifest = target.emit(graph, artifact, ctx)
     timings[f"emit.{name}"] = time.perf_counter() - t0
-    golden = None
-    if spec.verify.enabled and reference_path is not None:
+    golden = skipped = None
+    if spec.verify.enabled and reference_path is not None and hasattr(target, "can_run"):
+        skipped = target.can_run()  # why this machine cannot run the artifact (no GPU...), or None
+    if skipped:
+        progress("verify-skipped", {"target": name, "reason": skipped})
+        manifest["verification"] = {"status": "skipped", "reason": skipped}
+        write_manifest(artifact, manifest)
+    elif spec.verify.enabled and reference_path is not None:
+        tolerances = target.verify_tolerances() if hasattr(target, "verify_tolerances") else None
+        if tolerances is not None:  # a target whose numbers differ by design (fp16) sets its own
+            verify = spec.verify.model_copy(update={"tolerances": Tolerances(**tolerances.model_dump())})
+            spec = spec.model_copy(update={"verify": verify})
         t0 = time.perf_counter()
         progress("verify", {"target": name})
         if imported.task == "text-generation" and imported.decoder is not None:
@@ -204,7 +215,7 @@ def _build_target(
             golden = verify_artifact(spec, reference_path, target.load(artifact))
         timings[f"verify.{name}"] = time.perf_counter() - t0
         raise_if_failed(golden, f"target '{name}'")
-    return TargetResult(name, artifact, manifest, golden, legalize)
+    return TargetResult(name, artifact, manifest, golden, legalize, skipped)
 
 
 def verify_artifact(spec: Spec, reference_path: Path, candidate) -> GoldenReport:
@@ -325,7 +336,12 @@ def _write_report(spec: Spec, result: CompileResult, target: TargetResult) -> No
         )
     lines += ["", "## Fusion sites", ""] + explain_lines(result.pipeline.records + target.legalize.records)
     lines += ["", "## Verification", ""]
-    lines.append(target.golden.markdown() if target.golden else "verification disabled in the spec")
+    if target.golden:
+        lines.append(target.golden.markdown())
+    elif target.verify_skipped:
+        lines.append(f"**skipped**: {target.verify_skipped}")
+    else:
+        lines.append("verification disabled in the spec")
     lines += ["", "## Timings", ""]
     lines += [f"- {k}: {v:.2f} s" for k, v in result.timings.items()]
     files = target.manifest.get("files", {})

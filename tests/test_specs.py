@@ -35,6 +35,8 @@ def test_spec_compiles_and_matches_golden(spec_path: Path, tmp_path: Path, updat
     spec = load_spec(spec_path)
     result = compile_spec(spec, out=tmp_path / "artifact")
     for target in result.targets:
+        if target.golden is None and getattr(target, "verify_skipped", None):
+            continue  # this machine cannot run the target (a cuda artifact without a GPU): recorded why
         assert target.golden is not None and target.golden.passed, target.golden.markdown()
     if spec.model.task == "text-generation":
         return

@@ -51,7 +51,9 @@ class CpuTarget(Target):
         """Standard ops into the contrib kernels onnxruntime's CPU provider runs fastest (when enabled)."""
         if not self.options.contrib_ops:
             return Pipeline([])
-        return Pipeline.parse(["cpu-fuse-skip-norm", "cpu-attention", "eliminate-dead-code"])
+        return Pipeline.parse(
+            ["cpu-fuse-skip-norm", "cpu-attention", "cpu-matmul-nbits", "eliminate-dead-code"]
+        )
 
     def emit(self, graph: Graph, out_dir: Path, ctx: EmitContext) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
