@@ -125,3 +125,42 @@ def test_minilm_embeddings_match_golden_and_pytorch(minilm, update_golden: bool)
         hidden = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
     reference = mean_pool(hidden, feeds["attention_mask"])
     assert np.min(np.sum(embeddings * reference, axis=-1)) >= 0.9999
+
+
+def test_smollm2_int4_compiles_into_matmul_nbits(tmp_path_factory) -> None:
+    result = _compile("smollm2-int4-cpu", tmp_path_factory)
+    target = result.targets[0]
+    stats = {r.name: r.stats for r in result.pipeline.records + target.legalize.records}
+    assert stats["quantize-weights"]["quantized"] == 120  # 30 layers × (qkv, o, gate/up, down); lm_head fp32
+    assert stats["cpu-matmul-nbits"]["fused"] == 120
+    assert target.golden.passed
+    matched = sum(t.matched for t in target.golden.tokens)
+    total = sum(t.total for t in target.golden.tokens)
+    assert matched / total >= 0.7
+    size = sum(target.manifest["files"].values())
+    assert size < 0.4 * 538e6  # int4 projections + fp32 embedding/lm_head
+
+
+@pytest.mark.parametrize(
+    ("name", "ops"),
+    [("minilm-cuda-fp16", {"MultiHeadAttention": 6}), ("smollm2-cuda-fp16", {"GroupQueryAttention": 30})],
+)
+def test_cuda_specs_compile_to_fp16_contrib_graphs(name: str, ops: dict, tmp_path_factory) -> None:
+    import onnx
+
+    result = _compile(name, tmp_path_factory)
+    target = result.targets[0]
+    manifest = target.manifest
+    assert manifest["target"] == "cuda" and "CUDAExecutionProvider" in manifest["runtime"]["providers"]
+    if target.golden is None:  # no GPU here: the check is recorded as skipped, with the reason
+        assert manifest["verification"]["status"] == "skipped" and target.verify_skipped
+    else:
+        assert target.golden.passed
+    model = onnx.load(target.artifact / "model.onnx", load_external_data=False)
+    counts = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    for op, count in ops.items():
+        assert counts.get(op) == count, op
+    fp16 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert len(fp16) > 10

