@@ -375,6 +375,29 @@ def unit_scale(graph: Graph, shape: tuple[Dim, ...], elem_type: int) -> str | No
 _SEPARATORS = "._/"
 
 
+def norm_plan(graph: Graph, m, x: str, axis: int, rank_: int | None, *, bias: bool) -> NormPlan | str:
+    """The shared tail of the norm fusions: epsilon, Casts absorbed around the norm, scale (and bias)."""
+    eps = scalar(graph, m["eps"])
+    if eps is None or graph.constant(m["eps"]).ndim > (rank_ if rank_ is not None else 1):
+        return "epsilon is not a constant scalar"
+    if eps < 0:
+        return f"epsilon is negative ({fmt(eps)})"
+    p = NormPlan(x=x, axis=axis, epsilon=eps, out=m.root.outputs[0], dtype=dtype(graph, x))
+    back = None
+    upcast = upcast_input(graph, x, m.matched)
+    if upcast is not None:
+        source, cast = upcast
+        back = find_cast_back(graph, p.out, dtype(graph, source))
+        if back is not None:  # x16 -> float32 -> norm -> x16: the norm on x16 with a float32 stash
+            p.x, p.dtype = source, dtype(graph, source)
+            p.absorbed.append(cast)
+    p.shape = normalized_shape(graph, p.x, axis) or (None,) * -axis
+    norm_tail(graph, p, cast_back=back, bias=bias)
+    if p.scale is None and not all(isinstance(d, int) for d in p.shape):
+        return f"normalized shape {list(p.shape)} of '{p.x}' is not static: cannot build a unit scale"
+    return p
+
+
 def merged_name(a: str, b: str, *, joiner: str = "_") -> str:
     """A readable name for a weight made of ``a`` and ``b``: the differing middle words joined
     (``mlp.gate_proj.weight.T`` + ``mlp.up_proj.weight.T`` -> ``mlp.gate_up_proj.weight.T``; when more than one

@@ -20,20 +20,14 @@ from ._patterns import (
     NormPlan,
     any_of,
     axis_reason,
-    dtype,
     expect_scalar,
-    find_cast_back,
-    fmt,
-    norm_tail,
-    normalized_shape,
+    norm_plan,
     rank,
     reduce_axes,
     require_float,
     require_opset,
-    scalar,
     trailing_axis,
     unit_scale,
-    upcast_input,
 )
 from .fuse_rms_norm import check_square
 
@@ -89,25 +83,7 @@ def plan(graph: Graph, m: Match) -> NormPlan | str:
             if axes is None
             else axis_reason(axes, r)
         )
-    eps = scalar(graph, m["eps"])
-    if eps is None or graph.constant(m["eps"]).ndim > (r if r is not None else 1):
-        return "epsilon is not a constant scalar"
-    if eps < 0:
-        return f"epsilon is negative ({fmt(eps)})"
-    p = NormPlan(x=x, axis=axis, epsilon=eps, out=m.root.outputs[0], dtype=dtype(graph, x))
-    back = None
-    upcast = upcast_input(graph, x, m.matched)
-    if upcast is not None:
-        source, cast = upcast
-        back = find_cast_back(graph, p.out, dtype(graph, source))
-        if back is not None:
-            p.x, p.dtype = source, dtype(graph, source)
-            p.absorbed.append(cast)
-    p.shape = normalized_shape(graph, p.x, axis) or (None,) * -axis
-    norm_tail(graph, p, cast_back=back, bias=True)
-    if p.scale is None and not all(isinstance(d, int) for d in p.shape):
-        return f"normalized shape {list(p.shape)} of '{p.x}' is not static: cannot build a unit scale"
-    return p
+    return norm_plan(graph, m, x, axis, r, bias=True)
 
 
 def _check(graph: Graph, m: Match) -> str | None:

@@ -25,20 +25,14 @@ from ._patterns import (
     NotASite,
     any_of,
     axis_reason,
-    dtype,
     expect_scalar,
-    find_cast_back,
-    fmt,
-    norm_tail,
-    normalized_shape,
+    norm_plan,
     rank,
     reduce_axes,
     require_float,
     require_opset,
-    scalar,
     trailing_axis,
     unit_scale,
-    upcast_input,
 )
 
 RULE = "rms-norm"
@@ -98,25 +92,7 @@ def plan(graph: Graph, m: Match) -> NormPlan | str:
         if axes is None:
             return f"ReduceMean reduces every axis of '{x}', whose rank is unknown"
         return axis_reason(axes, r)
-    eps = scalar(graph, m["eps"])
-    if eps is None or graph.constant(m["eps"]).ndim > (r if r is not None else 1):
-        return "epsilon is not a constant scalar"
-    if eps < 0:
-        return f"epsilon is negative ({fmt(eps)})"
-    p = NormPlan(x=x, axis=axis, epsilon=eps, out=m.root.outputs[0], dtype=dtype(graph, x))
-    back = None
-    upcast = upcast_input(graph, x, m.matched)
-    if upcast is not None:
-        source, cast = upcast
-        back = find_cast_back(graph, p.out, dtype(graph, source))
-        if back is not None:  # x16 -> float32 -> norm -> x16: RMSNormalization(x16) with stash_type float
-            p.x, p.dtype = source, dtype(graph, source)
-            p.absorbed.append(cast)
-    p.shape = normalized_shape(graph, p.x, axis) or (None,) * -axis
-    norm_tail(graph, p, cast_back=back, bias=False)
-    if p.scale is None and not all(isinstance(d, int) for d in p.shape):
-        return f"normalized shape {list(p.shape)} of '{p.x}' is not static: cannot build a unit scale"
-    return p
+    return norm_plan(graph, m, x, axis, r, bias=False)
 
 
 def _check(graph: Graph, m: Match) -> str | None:
