@@ -195,6 +195,12 @@ class CpuAttention(Pass):
         if cached:
             if not self.options.group_query:
                 return "group_query is off", None
+            head = (graph.shape(node.input(0)) or (None,) * 4)[-1]
+            if not isinstance(head, int) or head % 8:
+                return (
+                    f"head size {head} is not a known multiple of 8 (GroupQueryAttention's kernel needs it)",
+                    None,
+                )
             if node.input(3) and not _reads_input(graph, node.input(3), self.options.mask_input):
                 return (
                     f"the mask is not computed from '{self.options.mask_input}' (GroupQueryAttention is causal)",
