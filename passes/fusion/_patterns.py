@@ -375,6 +375,59 @@ def unit_scale(graph: Graph, shape: tuple[Dim, ...], elem_type: int) -> str | No
 _SEPARATORS = "._/"
 
 
+def check_denominator(graph: Graph, m, base: str, r: int | None) -> str | None:
+    """The square (``Pow(base, 2)`` or ``Mul(base, base)``) and the constants of the division by the root."""
+    if m.node("square").op_type == "Pow":
+        reason = expect_scalar(graph, m["p"], 2.0, "the exponent of the square", rank=r)
+    else:
+        reason = None if m["p"] == base else f"the square multiplies '{base}' by another value ('{m['p']}')"
+    for key, want, what in (
+        ("one", 1.0, "the numerator of 1/sqrt"),
+        ("neg_half", -0.5, "the exponent of rsqrt"),
+    ):
+        if not reason and key in m.values:
+            reason = expect_scalar(graph, m[key], want, what, rank=r)
+    return reason
+
+
+def norm_axis(graph: Graph, x: str, r: int | None, means: Sequence[Node]) -> int | str:
+    """The first normalized axis (negative) that every ReduceMean of a norm reduces, or why there is none."""
+    if any(mean.attr("keepdims", 1) != 1 for mean in means):
+        return f"{'a ' if len(means) > 1 else ''}ReduceMean drops the reduced axes (keepdims=0)"
+    all_axes = [reduce_axes(graph, mean) for mean in means]
+    for a in all_axes:
+        if isinstance(a, str):
+            return a
+    axes = all_axes[0]
+    if any(a != axes for a in all_axes[1:]):
+        return f"the mean and the variance reduce different axes ({axes} vs {all_axes[1]})"
+    axis = trailing_axis(axes, r)
+    if axis is None:
+        if axes is None:
+            return f"ReduceMean reduces every axis of '{x}', whose rank is unknown"
+        return axis_reason(axes, r)
+    return axis
+
+
+def norm_rule(name: str, patterns: Sequence[Op], plan, op: str, *, anchor: str) -> RewriteRule:
+    """The rule of a norm fusion: ``plan(graph, match)`` gives a NormPlan or the reason; the rewrite is
+    ``op(x, scale or ones[, bias], axis, epsilon, stash_type=1)``."""
+
+    def check(graph: Graph, m) -> str | None:
+        p = plan(graph, m)
+        return p if isinstance(p, str) else None
+
+    def rewrite(b, m) -> dict[str, str]:
+        p = plan(b.graph, m)
+        assert not isinstance(p, str), p
+        scale = p.scale or unit_scale(b.graph, p.shape, p.dtype)
+        m.matched.extend(p.absorbed)  # removed with the pattern's nodes once unused
+        inputs = [p.x, scale] + ([p.bias] if p.bias else [])
+        return {p.out: b.op1(op, inputs, axis=p.axis, epsilon=p.epsilon, stash_type=1)}
+
+    return any_of(name, patterns, rewrite, check, anchor=anchor)
+
+
 def norm_plan(graph: Graph, m, x: str, axis: int, rank_: int | None, *, bias: bool) -> NormPlan | str:
     """The shared tail of the norm fusions: epsilon, Casts absorbed around the norm, scale (and bias)."""
     eps = scalar(graph, m["eps"])

@@ -13,23 +13,19 @@ from __future__ import annotations
 
 from llmc.ir import Graph
 from llmc.pass_manager import register_pass
-from llmc.rewrite import Builder, Match, Op, RuleSet, Var
+from llmc.rewrite import Match, Op, RuleSet, Var
 
 from ._patterns import (
     FusionPass,
     NormPlan,
-    any_of,
-    axis_reason,
-    expect_scalar,
+    check_denominator,
+    norm_axis,
     norm_plan,
+    norm_rule,
     rank,
-    reduce_axes,
     require_float,
     require_opset,
-    trailing_axis,
-    unit_scale,
 )
-from .fuse_rms_norm import check_square
 
 RULE = "layer-norm"
 _X, _D = Var("x"), Var("d")
@@ -58,50 +54,16 @@ def plan(graph: Graph, m: Match) -> NormPlan | str:
     centred = m.node("center").outputs[0]
     if m["d"] != centred:
         return f"the variance is not taken of x - mean ('{m['d']}' instead of '{centred}')"
-    reason = check_square(graph, m, centred, r)
-    for key, want, what in (
-        ("one", 1.0, "the numerator of 1/sqrt"),
-        ("neg_half", -0.5, "the exponent of rsqrt"),
-    ):
-        if not reason and key in m.values:
-            reason = expect_scalar(graph, m[key], want, what, rank=r)
+    reason = check_denominator(graph, m, centred, r)
     if reason:
         return reason
-    mean, var = m.node("mean"), m.node("var")
-    if mean.attr("keepdims", 1) != 1 or var.attr("keepdims", 1) != 1:
-        return "a ReduceMean drops the reduced axes (keepdims=0)"
-    axes, var_axes = reduce_axes(graph, mean), reduce_axes(graph, var)
-    for a in (axes, var_axes):
-        if isinstance(a, str):
-            return a
-    if axes != var_axes:
-        return f"the mean and the variance reduce different axes ({axes} vs {var_axes})"
-    axis = trailing_axis(axes, r)
-    if axis is None:
-        return (
-            f"ReduceMean reduces every axis of '{x}', whose rank is unknown"
-            if axes is None
-            else axis_reason(axes, r)
-        )
+    axis = norm_axis(graph, x, r, [m.node("mean"), m.node("var")])
+    if isinstance(axis, str):
+        return axis
     return norm_plan(graph, m, x, axis, r, bias=True)
 
 
-def _check(graph: Graph, m: Match) -> str | None:
-    p = plan(graph, m)
-    return p if isinstance(p, str) else None
-
-
-def _rewrite(b: Builder, m: Match) -> dict[str, str]:
-    p = plan(b.graph, m)
-    assert not isinstance(p, str), p
-    scale = p.scale or unit_scale(b.graph, p.shape, p.dtype)
-    m.matched.extend(p.absorbed)
-    inputs = [p.x, scale] + ([p.bias] if p.bias else [])
-    y = b.op1("LayerNormalization", inputs, axis=p.axis, epsilon=p.epsilon, stash_type=1)
-    return {p.out: y}
-
-
-RULES = RuleSet("layer-norm", [any_of(RULE, _patterns(), _rewrite, _check, anchor="var")])
+RULES = RuleSet("layer-norm", [norm_rule(RULE, _patterns(), plan, "LayerNormalization", anchor="var")])
 
 
 @register_pass("fuse-layer-norm")

@@ -17,22 +17,19 @@ from __future__ import annotations
 
 from llmc.ir import Graph
 from llmc.pass_manager import register_pass
-from llmc.rewrite import Builder, Match, Op, RuleSet, Var
+from llmc.rewrite import Match, Op, RuleSet, Var
 
 from ._patterns import (
     FusionPass,
     NormPlan,
     NotASite,
-    any_of,
-    axis_reason,
-    expect_scalar,
+    check_denominator,
+    norm_axis,
     norm_plan,
+    norm_rule,
     rank,
-    reduce_axes,
     require_float,
     require_opset,
-    trailing_axis,
-    unit_scale,
 )
 
 RULE = "rms-norm"
@@ -54,13 +51,6 @@ def _patterns() -> list[Op]:
     ]
 
 
-def check_square(graph: Graph, m: Match, base: str, r: int | None) -> str | None:
-    """``Pow(base, 2)`` or ``Mul(base, base)``."""
-    if m.node("square").op_type == "Pow":
-        return expect_scalar(graph, m["p"], 2.0, "the exponent of the square", rank=r)
-    return None if m["p"] == base else f"the square multiplies '{base}' by another value ('{m['p']}')"
-
-
 def plan(graph: Graph, m: Match) -> NormPlan | str:
     """What the fused node will read and replace, or the reason it cannot be fused."""
     centred = graph.producer(m["x"])
@@ -72,44 +62,16 @@ def plan(graph: Graph, m: Match) -> NormPlan | str:
     if reason:
         return reason
     x, r = m["x"], rank(graph, m["x"])
-    reason = check_square(graph, m, x, r)
-    for key, want, what in (
-        ("one", 1.0, "the numerator of 1/sqrt"),
-        ("neg_half", -0.5, "the exponent of rsqrt"),
-    ):
-        if not reason and key in m.values:
-            reason = expect_scalar(graph, m[key], want, what, rank=r)
+    reason = check_denominator(graph, m, x, r)
     if reason:
         return reason
-    mean = m.node("mean")
-    if mean.attr("keepdims", 1) != 1:
-        return "ReduceMean drops the reduced axes (keepdims=0)"
-    axes = reduce_axes(graph, mean)
-    if isinstance(axes, str):
-        return axes
-    axis = trailing_axis(axes, r)
-    if axis is None:
-        if axes is None:
-            return f"ReduceMean reduces every axis of '{x}', whose rank is unknown"
-        return axis_reason(axes, r)
+    axis = norm_axis(graph, x, r, [m.node("mean")])
+    if isinstance(axis, str):
+        return axis
     return norm_plan(graph, m, x, axis, r, bias=False)
 
 
-def _check(graph: Graph, m: Match) -> str | None:
-    p = plan(graph, m)
-    return p if isinstance(p, str) else None
-
-
-def _rewrite(b: Builder, m: Match) -> dict[str, str]:
-    p = plan(b.graph, m)
-    assert not isinstance(p, str), p
-    scale = p.scale or unit_scale(b.graph, p.shape, p.dtype)
-    m.matched.extend(p.absorbed)  # removed with the pattern's nodes once unused
-    y = b.op1("RMSNormalization", [p.x, scale], axis=p.axis, epsilon=p.epsilon, stash_type=1)
-    return {p.out: y}
-
-
-RULES = RuleSet("rms-norm", [any_of(RULE, _patterns(), _rewrite, _check, anchor="mean")])
+RULES = RuleSet("rms-norm", [norm_rule(RULE, _patterns(), plan, "RMSNormalization", anchor="mean")])
 
 
 @register_pass("fuse-rms-norm")
