@@ -231,14 +231,18 @@ class Graph:
         """Whether ``value`` is defined in this graph's own scope."""
         return value in self._producer or value in self.inputs or value in self.initializers
 
-    def visible(self, value: str) -> bool:
-        """Whether ``value`` is defined in this scope or an enclosing one."""
+    def defining_scope(self, value: str) -> Graph | None:
+        """The graph (this one or an enclosing one) that defines ``value``; None when no scope does."""
         graph: Graph | None = self
         while graph is not None:
             if graph.defines(value):
-                return True
+                return graph
             graph = graph.parent
-        return False
+        return None
+
+    def visible(self, value: str) -> bool:
+        """Whether ``value`` is defined in this scope or an enclosing one."""
+        return self.defining_scope(value) is not None
 
     def value_info(self, value: str) -> ValueInfo | None:
         info = self.values.get(value)

@@ -110,6 +110,13 @@ class DecoderLoop:
     def reset(self) -> None:
         raise NotImplementedError
 
+    def _total_after(self, seq: int) -> int:
+        """Cache length once ``seq`` more tokens are appended; a ModelError past the model's max_length."""
+        total = self.length + seq
+        if total > self.decoder.max_length:
+            raise ModelError(f"{total} tokens exceed the model's max_length {self.decoder.max_length}")
+        return total
+
     def _forward(self, ids: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
@@ -263,9 +270,7 @@ class Generator(DecoderLoop):
 
     def _forward(self, ids: np.ndarray) -> np.ndarray:
         batch, seq = ids.shape
-        total = self.length + seq
-        if total > self.decoder.max_length:
-            raise ModelError(f"{total} tokens exceed the model's max_length {self.decoder.max_length}")
+        total = self._total_after(seq)
         if not self._cache:
             shape = (batch, self.decoder.num_kv_heads, 0, self.decoder.head_dim)
             self._cache = [np.zeros(shape, self._kv_dtype) for _ in self._past_names]

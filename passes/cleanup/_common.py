@@ -55,20 +55,10 @@ def iter_graphs(graph: Graph) -> Iterator[Graph]:
             yield from iter_graphs(sub)
 
 
-def defining_scope(graph: Graph, value: str) -> Graph | None:
-    """The graph (``graph`` or an enclosing one) that defines ``value``; None when no scope does."""
-    scope: Graph | None = graph
-    while scope is not None:
-        if scope.defines(value):
-            return scope
-        scope = scope.parent
-    return None
-
-
 def scoped_constant(graph: Graph, value: str) -> np.ndarray | None:
     """The array behind ``value`` when it is a constant in the scope that defines it (initializer or
     Constant node; an initializer overridable as a graph input is not a constant)."""
-    scope = defining_scope(graph, value)
+    scope = graph.defining_scope(value)
     return scope.constant(value) if scope is not None else None
 
 

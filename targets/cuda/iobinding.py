@@ -132,9 +132,7 @@ class DeviceGenerator(DecoderLoop):
 
     def _forward(self, ids: np.ndarray) -> np.ndarray:
         batch, seq = ids.shape
-        total = self.length + seq
-        if total > self.decoder.max_length:
-            raise ModelError(f"{total} tokens exceed the model's max_length {self.decoder.max_length}")
+        total = self._total_after(seq)
         if not self._cache:
             self._cache = self._empty_cache(batch)
         binding = self.session.io_binding()
