@@ -154,6 +154,7 @@ class PassManager:
         self._index = first_index - 1
 
     def run(self, graph: Graph) -> PipelineReport:
+        self._last_hash: str | None = None
         report = PipelineReport()
         start = time.perf_counter()
         for inst in self.instruments:
@@ -184,7 +185,8 @@ class PassManager:
             self.on_pass_start(p, index)
         for inst in self.instruments:
             inst.before_pass(p, graph, index)
-        hash_before = structural_hash(graph)
+        # the hash after the previous pass is this pass's "before" (instruments only read the graph)
+        hash_before = self._last_hash or structural_hash(graph)
         nodes_before = len(graph)
         before_snapshot = to_onnx(graph, weights="elide", elide_above=256) if self.failure_dir else None
         t0 = time.perf_counter()
@@ -202,6 +204,7 @@ class PassManager:
             hash_after = structural_hash(graph)  # walks the graph: raises on a cycle the pass made
         except IRError as exc:
             raise self._fail(p, graph, exc, index, before_snapshot, f"left an invalid graph: {exc}") from exc
+        self._last_hash = hash_after
         moved = hash_after != hash_before
         if moved and not result.changed:
             err = IRError("reported 'unchanged' but the graph's structural hash moved (a bug in the pass)")
