@@ -152,9 +152,7 @@ def _import(spec: Spec, work_dir: Path) -> ImportedModel:
         return import_model(spec.model, spec.base_dir, work_dir)
     except SpecError as exc:
         if exc.location.line is None:
-            raise SpecError(
-                exc.message.split(": ", 1)[-1], location=spec.locate(("model", "path")), hint=exc.hint
-            ) from exc
+            raise SpecError(exc.detail, location=spec.locate(("model", "path")), hint=exc.hint) from exc
         raise
 
 

@@ -46,6 +46,7 @@ class SpecError(LlmcError):
 
     def __init__(self, message: str, *, location: Location | None = None, hint: str | None = None):
         self.location = location or Location()
+        self.detail = message  # the message without its location, to re-raise it elsewhere
         super().__init__(f"{self.location}: {message}", hint=hint)
 
 
