@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmc.calibration import build_calibration
 from llmc.errors import SpecError
 from llmc.frontends import ImportedModel, import_model
 from llmc.golden import GoldenReport, compare_runners, load_inputs, make_inputs, raise_if_failed
@@ -101,6 +102,7 @@ def compile_spec(
             save_model(graph, reference_path)
 
         t0 = time.perf_counter()
+        calibration = build_calibration(spec, imported)
         instruments = []
         if dump_mode != "none":
             if dump_dir.exists() and any(dump_dir.iterdir()) and not force:
@@ -114,7 +116,7 @@ def compile_spec(
         failure_dir = dump_dir if dump_dir is not None else Path(tempfile.mkdtemp(prefix="llmc-failure-"))
         manager = PassManager(
             pipeline,
-            ctx=PassContext(target=None, data={"task": imported.task}),
+            ctx=PassContext(target=None, data={"task": imported.task, "calibration": calibration}),
             instruments=instruments,
             verify_each=verify_each,
             failure_dir=failure_dir,

@@ -101,6 +101,20 @@ class VerifySpec(_Strict):
     per_output: dict[str, Tolerances] = Field(default_factory=dict)
 
 
+class CalibrationSpec(_Strict):
+    """Data that data-aware passes (GPTQ, static int8, sensitivity) run the model on while compiling.
+
+    Decoders take text: ``prompts`` and/or a ``text`` file cut into windows of ``max_tokens`` tokens;
+    other models take ``inputs``: an ``.npz`` (keys ``name`` or ``name@k``) or a folder of them.
+    """
+
+    prompts: list[str] = Field(default_factory=list, description="decoders: calibration prompts")
+    text: str | None = Field(default=None, description="decoders: a text file cut into token windows")
+    inputs: str | None = Field(default=None, description="other models: an .npz file or a folder of them")
+    samples: int = Field(default=8, ge=1, description="at most this many calibration samples")
+    max_tokens: int = Field(default=128, ge=2, description="decoders: tokens per sample")
+
+
 class OutputSpec(_Strict):
     dir: str = Field(description="the artifact folder (one per target under it when several targets)")
     keep_reference: bool = Field(
@@ -124,6 +138,9 @@ class Spec(_Strict):
     )
     targets: TargetsSpec = Field(default_factory=lambda: TargetsSpec(cpu=CpuTargetSpec()))
     verify: VerifySpec = Field(default_factory=VerifySpec)
+    calibration: CalibrationSpec | None = Field(
+        default=None, description="data for data-aware passes (gptq, quantize-static, sensitivity)"
+    )
     output: OutputSpec
     debug: DebugSpec = Field(default_factory=DebugSpec)
 

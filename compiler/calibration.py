@@ -1,0 +1,180 @@
+"""Calibration data for data-aware passes, and a way to read intermediate activations of the IR.
+
+``build_calibration`` turns the spec's ``calibration:`` section into feeds for the imported graph: token
+windows (prefill with an empty KV cache) for decoders, the samples of an ``.npz`` (or a folder of them)
+for other models. The driver puts the result into ``PassContext.data["calibration"]``; passes read it with
+``require_calibration`` so that a missing section is one clear, located message.
+
+``activations`` runs the graph *as it is at that point of the pipeline* in onnxruntime, with the values
+a pass asks for added as graph outputs, and yields them feed by feed (a pass accumulates statistics such as
+XᵀX without holding every activation). onnxruntime does the running; the only hand-written part is adding
+outputs to a copy of the model, which no library does for an in-memory IR.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmc.errors import SpecError
+
+DEFAULT_TEXT = Path(__file__).with_name("data") / "calibration.txt"
+
+
+@dataclass
+class CalibrationSet:
+    """Feeds for the imported graph's inputs, and where they came from (for reports)."""
+
+    feeds: list[dict[str, np.ndarray]]
+    source: str
+    tokens: list[list[int]] = field(default_factory=list)  # decoders: the token windows
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+
+def require_calibration(ctx: Any, pass_name: str) -> CalibrationSet:
+    """The calibration set from a PassContext, or a SpecError that says how to give one."""
+    data = ctx.data.get("calibration")
+    if data is None:
+        raise SpecError(
+            f"pass '{pass_name}' needs calibration data, and the spec has no calibration: section",
+            hint="add  calibration: {prompts: [...]}  (decoders) or  calibration: {inputs: data.npz}",
+        )
+    return data
+
+
+def build_calibration(spec: Any, imported: Any) -> CalibrationSet | None:
+    """Feeds from ``spec.calibration`` for ``imported`` (an ImportedModel), or None without the section."""
+    cal = spec.calibration
+    if cal is None:
+        return None
+    where = spec.locate(("calibration",))
+    if imported.decoder is not None:
+        if cal.inputs:
+            raise SpecError("decoders calibrate on text: use prompts: or text:, not inputs:", location=where)
+        return _decoder_set(spec, imported, where)
+    if cal.prompts or cal.text:
+        raise SpecError(
+            "prompts: and text: calibrate decoders only; give this model inputs: (an .npz or a folder)",
+            location=where,
+        )
+    if not cal.inputs:
+        raise SpecError("calibration: needs inputs: (an .npz file or a folder of them)", location=where)
+    return _array_set(spec.resolve(cal.inputs), imported.graph, cal.samples, where)
+
+
+def decoder_feeds(graph: Any, decoder: Any, ids: Sequence[int]) -> dict[str, np.ndarray]:
+    """Prefill feeds for one token window: ids, a full mask, positions 0..n-1 and an empty KV cache."""
+    from llmc.ir import onnx_dtype_to_np
+
+    n = len(ids)
+    feeds: dict[str, np.ndarray] = {"input_ids": np.asarray(ids, np.int64)[None, :]}
+    inputs = set(graph.inputs)
+    if "attention_mask" in inputs:
+        feeds["attention_mask"] = np.ones((1, n), np.int64)
+    if "position_ids" in inputs:
+        feeds["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
+    for i in range(decoder.num_layers):
+        for pattern in (decoder.past_key, decoder.past_value):
+            name = pattern.format(i=i)
+            info = graph.value_info(name)
+            dtype = onnx_dtype_to_np(info.dtype) if info and info.dtype else np.dtype(decoder.kv_dtype)
+            feeds[name] = np.zeros((1, decoder.num_kv_heads, 0, decoder.head_dim), dtype)
+    return feeds
+
+
+def _decoder_set(spec: Any, imported: Any, where: Any) -> CalibrationSet:
+    from llmc.runtime.tokenizer import Tokenizer
+
+    cal = spec.calibration
+    if "tokenizer.json" not in imported.assets:
+        raise SpecError("calibration text needs the model's tokenizer.json, and this model has none", location=where)
+    tokenizer = Tokenizer.from_files(imported.assets)
+    windows = [tokenizer.encode(p)[: cal.max_tokens] for p in cal.prompts]
+    if cal.text or not cal.prompts:
+        path = spec.resolve(cal.text) if cal.text else DEFAULT_TEXT
+        if not path.is_file():
+            raise SpecError(f"calibration text file not found: {path}", location=spec.locate(("calibration", "text")))
+        ids = tokenizer.encode(path.read_text(), add_special_tokens=False)
+        windows += [ids[i : i + cal.max_tokens] for i in range(0, len(ids) - 1, cal.max_tokens)]
+    windows = [w for w in windows if len(w) >= 2][: cal.samples]
+    if not windows:
+        raise SpecError("calibration text gives no window of 2 tokens or more", location=where)
+    feeds = [decoder_feeds(imported.graph, imported.decoder, w) for w in windows]
+    source = f"{len(windows)} token windows of <= {cal.max_tokens} tokens"
+    return CalibrationSet(feeds, source, tokens=windows)
+
+
+def _array_set(path: Path, graph: Any, samples: int, where: Any) -> CalibrationSet:
+    from llmc.golden import load_inputs
+    from llmc.ir import onnx_dtype_to_np
+    from llmc.runtime.runner import TensorSig
+
+    signature = []
+    for name in graph.inputs:
+        info = graph.value_info(name)
+        dtype = str(onnx_dtype_to_np(info.dtype)) if info and info.dtype else "float32"
+        signature.append(TensorSig(name, dtype, None if info is None else info.shape))
+    if not path.exists():
+        raise SpecError(f"calibration inputs not found: {path}", location=where)
+    files = sorted(path.glob("*.npz")) if path.is_dir() else [path]
+    if not files:
+        raise SpecError(f"calibration folder {path} holds no .npz file", location=where)
+    feeds: list[dict[str, np.ndarray]] = []
+    for file in files:
+        try:
+            feeds += load_inputs(file, signature)
+        except SpecError as exc:
+            raise SpecError(exc.detail, location=where) from None
+    for k, feed in enumerate(feeds):
+        for sig in signature:
+            _check_shape(sig, feed[sig.name], f"{path.name} sample {k}", where)
+    return CalibrationSet(feeds[:samples], f"{min(len(feeds), samples)} samples from {path.name}")
+
+
+def _check_shape(sig: Any, value: np.ndarray, label: str, where: Any) -> None:
+    shape = sig.shape
+    if shape is None:
+        return
+    wrong = len(shape) != value.ndim or any(
+        isinstance(d, int) and d >= 0 and d != v for d, v in zip(shape, value.shape, strict=False)
+    )
+    if wrong:
+        raise SpecError(
+            f"{label}: input '{sig.name}' has shape {list(value.shape)}, the model takes {list(shape)}",
+            location=where,
+        )
+
+
+def activations(
+    graph: Any, names: Sequence[str], feeds: Sequence[dict[str, np.ndarray]]
+) -> Iterator[dict[str, np.ndarray]]:
+    """Per feed, the values ``names`` of ``graph`` computed by onnxruntime (fp32 kernels, no fusions)."""
+    import onnx
+    import onnxruntime as ort
+
+    from llmc.ir import to_onnx
+
+    names = list(dict.fromkeys(names))
+    model = to_onnx(graph)
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name in existing:
+            continue
+        info = graph.value_info(name)
+        elem = info.dtype if info and info.dtype else onnx.TensorProto.FLOAT
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del model
+    wanted = set(session.get_inputs()[i].name for i in range(len(session.get_inputs())))
+    for feed in feeds:
+        values = session.run(list(names), {k: v for k, v in feed.items() if k in wanted})
+        yield dict(zip(names, values, strict=True))
