@@ -93,13 +93,17 @@ def _decoder_set(spec: Any, imported: Any, where: Any) -> CalibrationSet:
 
     cal = spec.calibration
     if "tokenizer.json" not in imported.assets:
-        raise SpecError("calibration text needs the model's tokenizer.json, and this model has none", location=where)
+        raise SpecError(
+            "calibration text needs the model's tokenizer.json, and this model has none", location=where
+        )
     tokenizer = Tokenizer.from_files(imported.assets)
     windows = [tokenizer.encode(p)[: cal.max_tokens] for p in cal.prompts]
     if cal.text or not cal.prompts:
         path = spec.resolve(cal.text) if cal.text else DEFAULT_TEXT
         if not path.is_file():
-            raise SpecError(f"calibration text file not found: {path}", location=spec.locate(("calibration", "text")))
+            raise SpecError(
+                f"calibration text file not found: {path}", location=spec.locate(("calibration", "text"))
+            )
         ids = tokenizer.encode(path.read_text(), add_special_tokens=False)
         windows += [ids[i : i + cal.max_tokens] for i in range(0, len(ids) - 1, cal.max_tokens)]
     windows = [w for w in windows if len(w) >= 2][: cal.samples]
