@@ -1,0 +1,1 @@
+"""Pruning passes: remove weights (structured: heads, FFN channels, layers; unstructured: magnitude, Wanda, N:M)."""

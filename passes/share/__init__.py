@@ -1,0 +1,1 @@
+"""Parameter sharing passes: one initializer for identical or nearly identical weights."""
