@@ -52,7 +52,13 @@ class CpuTarget(Target):
         if not self.options.contrib_ops:
             return Pipeline([])
         return Pipeline.parse(
-            ["cpu-fuse-skip-norm", "cpu-attention", "cpu-matmul-nbits", "eliminate-dead-code"]
+            [
+                "cpu-fuse-skip-norm",
+                "cpu-attention",
+                "cpu-matmul-nbits",
+                "cpu-dynamic-quantize-matmul",
+                "eliminate-dead-code",
+            ]
         )
 
     def emit(self, graph: Graph, out_dir: Path, ctx: EmitContext) -> dict[str, Any]:
