@@ -3,9 +3,10 @@
 Candidates: ``llmc`` (the artifact as its manifest says to run it), ``onnx-plain`` (the plain export kept in
 the artifact as ``source.reference_onnx``, default onnxruntime settings) and ``pytorch`` (the eager float32
 transformers model the artifact was built from). Decoders: prefill latency of a fixed prompt and decode
-tokens/s over greedy generation (warm-up, then medians over N runs), plus teacher-forced token agreement with
-the reference (pytorch when benchmarked, else onnx-plain). Encoders: latency per batch and the cosine of the
-mean-pooled embedding to the reference. All candidates stay loaded and their runs are interleaved, so noise
+tokens/s over greedy generation (warm-up, then medians over N runs), plus, unless accuracy is turned off,
+teacher-forced token agreement with the fp32 reference (pytorch when benchmarked, else the plain export) over
+a few prompts and perplexity on llmc's shipped evaluation text (``llmc.metrics``). Encoders: latency per batch
+and the cosine (min and mean) of the mean-pooled embedding to the reference. All candidates stay loaded and their runs are interleaved, so noise
 from a busy machine falls on all of them. Each also reports its load time, size on disk and how much the
 process grew while loading and warming it up; the process's peak RSS, the CPU model and its flags are recorded
 with every result, since figures only compare within one run on one machine.
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from llmc.errors import ModelError
+from llmc.metrics import cosine_stats
 from llmc.runtime.generator import (
     DecoderLoop,
     GenerationResult,
@@ -306,6 +308,68 @@ def _process_peak_mb() -> float:
         return 0.0
 
 
+def accuracy_prompts(tokenizer: Tokenizer | None, prompt: list[int]) -> list[list[int]]:
+    """Prompts for token agreement: the bench prompt, and the default verify prompts when there is text."""
+    if tokenizer is None:
+        return [prompt]
+    from llmc.spec import VerifySpec
+
+    return [prompt] + [tokenizer.encode(p) for p in VerifySpec().prompts]
+
+
+def reference_loop(
+    artifact_dir: Path, manifest: dict[str, Any], loaded: Sequence[Loaded]
+) -> tuple[str, DecoderLoop] | None:
+    """The fp32 reference for accuracy: pytorch or onnx-plain when benchmarked, else the artifact's
+    reference ONNX loaded for this alone; None when there is none."""
+    by_name = {item.candidate.name: item.obj for item in loaded}
+    for name in BASELINES:
+        if name in by_name:
+            return name, by_name[name]
+    found, _ = candidates(artifact_dir, manifest, ["onnx-plain"])
+    plain = [c for c in found if c.name == "onnx-plain"]
+    return ("onnx-plain", plain[0].load()) if plain else None
+
+
+def decoder_accuracy(
+    loops: dict[str, DecoderLoop],
+    reference: tuple[str, DecoderLoop],
+    prompts: Sequence[list[int]],
+    new_tokens: int,
+    perplexity_ids: Sequence[int] | None,
+    perplexity_window: int,
+) -> dict[str, dict[str, Any]]:
+    """Per candidate: teacher-forced greedy tokens equal to the reference's continuations (summed over
+    prompts; the reference itself is not compared with itself) and perplexity on the text, with its ratio
+    to the reference's."""
+    from llmc.metrics import perplexity
+
+    ref_name, ref_loop = reference
+    continuations = [ref_loop.generate(p, new_tokens, stop_at_eos=False).tokens for p in prompts]
+    ref_ppl = perplexity(ref_loop, perplexity_ids, perplexity_window) if perplexity_ids else None
+    rows: dict[str, dict[str, Any]] = {}
+    for name, loop in loops.items():
+        row: dict[str, Any] = {}
+        if name != ref_name:
+            agreements = [
+                teacher_forced_agreement(loop, p, c) for p, c in zip(prompts, continuations, strict=True)
+            ]
+            row |= {
+                "tokens_agree": sum(a.matches for a in agreements),
+                "tokens_total": sum(a.total for a in agreements),
+                "tokens_agree_per_prompt": [a.matches for a in agreements],
+                "first_mismatch": [a.first_mismatch for a in agreements],
+            }
+        if ref_ppl is not None:
+            ppl = ref_ppl if name == ref_name else perplexity(loop, perplexity_ids, perplexity_window)
+            row |= {
+                "perplexity": round(ppl.value, 4),
+                "perplexity_ratio": round(ppl.value / ref_ppl.value, 4),
+            }
+        rows[name] = row
+    return rows
+
+
 def bench_decoder(
     artifact_dir: Path,
     *,
@@ -314,8 +378,13 @@ def bench_decoder(
     new_tokens: int = 64,
     runs: int = 5,
     warmup: int = 1,
+    accuracy: bool = True,
+    perplexity_tokens: int = 128,
+    perplexity_window: int = 128,
 ) -> dict[str, Any]:
-    """Prefill latency and decode tokens/s of the artifact and its baselines (greedy, batch 1, eos ignored).
+    """Prefill latency and decode tokens/s of the artifact and its baselines (greedy, batch 1, eos ignored),
+    and unless ``accuracy`` is off, teacher-forced token agreement with the fp32 reference and perplexity on
+    llmc's shipped evaluation text (the first ``perplexity_tokens`` tokens).
 
     The candidates' runs are interleaved (run 1 of each, then run 2 of each...), so that a busy machine slows
     them alike rather than whichever happened to run at the wrong moment.
@@ -330,7 +399,8 @@ def bench_decoder(
     if runs < 1 or new_tokens < 1:
         raise ModelError(f"runs and new tokens must be >= 1, got {runs} and {new_tokens}")
     found, skipped = candidates(artifact_dir, manifest, baselines)
-    prompt = bench_prompt(artifact_tokenizer(artifact_dir, manifest), decoder.vocab_size, prompt_len)
+    tokenizer = artifact_tokenizer(artifact_dir, manifest)
+    prompt = bench_prompt(tokenizer, decoder.vocab_size, prompt_len)
     greedy = SamplingConfig()
 
     def generate(loop: DecoderLoop) -> GenerationResult:
@@ -343,10 +413,32 @@ def bench_decoder(
             timed[item.candidate.name].append(generate(item.obj))
     reference_name = loaded[0].candidate.name
     reference = timed[reference_name][-1].tokens
+    scores: dict[str, dict[str, Any]] = {}
+    accuracy_settings: dict[str, Any] = {"enabled": accuracy}
+    if accuracy:
+        ref = reference_loop(artifact_dir, manifest, loaded)
+        if ref is None:
+            accuracy_settings["skipped"] = "no fp32 reference: no pytorch baseline and no reference ONNX kept"
+        else:
+            from llmc.metrics import eval_tokens
+
+            prompts = accuracy_prompts(tokenizer, prompt)
+            ids = eval_tokens(tokenizer, count=perplexity_tokens) if tokenizer and perplexity_tokens else None
+            loops = {item.candidate.name: item.obj for item in loaded}
+            t0 = time.perf_counter()
+            scores = decoder_accuracy(loops, ref, prompts, new_tokens, ids, perplexity_window)
+            accuracy_settings["seconds"] = round(time.perf_counter() - t0, 1)
+            accuracy_settings |= {
+                "reference": ref[0],
+                "prompts": len(prompts),
+                "new_tokens": new_tokens,
+                "perplexity_tokens": len(ids) if ids else 0,
+                "perplexity_window": perplexity_window,
+                "perplexity_text": "llmc/data/eval.txt" if ids else None,
+            }
     rows = []
     for item in loaded:
         results = timed[item.candidate.name]
-        agreement = teacher_forced_agreement(item.obj, prompt, reference)
         rows.append(
             item.row()
             | {
@@ -358,11 +450,9 @@ def bench_decoder(
                 "prefill_ms_runs": [round(r.prefill_ms, 2) for r in results],
                 "decode_tokens_per_s_runs": [round(r.decode_tokens_per_s, 2) for r in results],
                 "tokens": results[-1].tokens,
-                "tokens_agree": agreement.matches,
-                "tokens_total": agreement.total,
-                "first_mismatch": agreement.first_mismatch,
                 "greedy_identical": results[-1].tokens == reference,
             }
+            | scores.get(item.candidate.name, {})
         )
     del loaded
     gc.collect()
@@ -373,6 +463,7 @@ def bench_decoder(
         "runs": runs,
         "warmup": warmup,
         "batch": 1,
+        "accuracy": accuracy_settings,
     }
     return {
         "kind": "decoder",
@@ -472,11 +563,11 @@ def bench_encoder(
     rows = []
     for item in loaded:
         name = item.candidate.name
-        cosines = [float((embeddings[name, b] * embeddings[reference_name, b]).sum(-1).min()) for b in feeds]
+        cosine = cosine_stats([(embeddings[reference_name, b], embeddings[name, b]) for b in feeds])
         rows.append(
             item.row()
             | {f"latency_ms_b{b}": round(_median(times[name, b]), 2) for b in feeds}
-            | {"min_cosine": round(min(cosines), 6)}
+            | {"min_cosine": round(cosine.min, 6), "mean_cosine": round(cosine.mean, 6)}
         )
     del loaded
     gc.collect()
@@ -505,7 +596,8 @@ def bench_artifact(artifact_dir: Path, **options: Any) -> dict[str, Any]:
     encoders and the other way round."""
     manifest = read_manifest(Path(artifact_dir))
     task = manifest.get("task")
-    decoder_keys = {"baselines", "prompt_len", "new_tokens", "runs", "warmup"}
+    decoder_keys = {"baselines", "prompt_len", "new_tokens", "runs", "warmup", "accuracy"}
+    decoder_keys |= {"perplexity_tokens", "perplexity_window"}
     encoder_keys = {"baselines", "batch_sizes", "seq_len", "runs", "warmup"}
     if task == "text-generation":
         return bench_decoder(artifact_dir, **{k: v for k, v in options.items() if k in decoder_keys})
@@ -519,18 +611,28 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _tokens_cell(row: dict[str, Any], reference: str) -> str | None:
+    if row["name"] == reference:
+        return "(reference)"
+    return f"{row['tokens_agree']}/{row['tokens_total']}" if "tokens_agree" in row else None
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     """The result as a markdown table, with the machine and settings underneath."""
     rows = result["results"]
     ratios = [f"x_{b}" for b in BASELINES if any(f"x_{b}" in r for r in rows)]
     if result["kind"] == "decoder":
         s = result["settings"]
+        acc = s.get("accuracy") or {}
+        ref = acc.get("reference", "reference")
         head = [
             "candidate",
             f"prefill ms ({s['prompt_len']} tok)",
             "decode tok/s",
             *[f"decode × {r[2:]}" for r in ratios],
-            f"tokens = {result['reference']}",
+            f"tokens = {ref} (teacher-forced)",
+            "perplexity",
+            f"perplexity × {ref}",
             "MB on disk",
             "RSS +MB",
         ]
@@ -540,7 +642,9 @@ def markdown_table(result: dict[str, Any]) -> str:
                 r["prefill_ms"],
                 r["decode_tokens_per_s"],
                 *[r.get(k) for k in ratios],
-                f"{r['tokens_agree']}/{r['tokens_total']}",
+                _tokens_cell(r, ref),
+                r.get("perplexity"),
+                r.get("perplexity_ratio"),
                 r["size_mb"],
                 r["rss_mb"],
             ]
@@ -549,6 +653,13 @@ def markdown_table(result: dict[str, Any]) -> str:
         settings = (
             f"batch 1, {s['prompt_len']}-token prompt, {s['new_tokens']} greedy tokens, median of {s['runs']}"
         )
+        if acc.get("reference"):
+            settings += (
+                f"; accuracy vs {ref}: {acc['new_tokens']} tokens × {acc['prompts']} prompts, perplexity on "
+                f"{acc['perplexity_tokens']} tokens of {acc['perplexity_text']}"
+            )
+        elif acc.get("skipped") or acc.get("enabled") is False:
+            settings += f"; accuracy not measured ({acc.get('skipped', '--no-accuracy')})"
     else:
         s = result["settings"]
         lat = [f"latency_ms_b{b}" for b in s["batch_sizes"]]

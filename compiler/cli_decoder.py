@@ -86,6 +86,9 @@ def register(app: typer.Typer) -> None:
         runs: int = typer.Option(5, "--runs", help="Timed runs (the median is reported)."),
         warmup: int = typer.Option(1, "--warmup", help="Untimed warm-up runs."),
         out: Path = typer.Option(Path("bench.json"), "--out", "-o", help="Where to write the JSON results."),
+        no_accuracy: bool = typer.Option(
+            False, "--no-accuracy", help="Decoders: skip token agreement and perplexity (extra decode steps)."
+        ),
     ) -> None:
         """Time an artifact beside PyTorch eager and the plain ONNX export, in this one process."""
         from llmc.bench import BASELINES, bench_artifact, markdown_table
@@ -93,6 +96,7 @@ def register(app: typer.Typer) -> None:
         baselines = [] if no_baselines else list(baseline or BASELINES)
         options: dict = {"baselines": baselines, "runs": runs, "warmup": warmup}
         options |= {"prompt_len": prompt_len, "new_tokens": new_tokens, "seq_len": seq_len}
+        options["accuracy"] = not no_accuracy
         if batch:
             options["batch_sizes"] = list(batch)
         with err_console.status("benchmarking…"):

@@ -219,27 +219,36 @@ def _build_target(
 
 
 def verify_artifact(spec: Spec, reference_path: Path, candidate) -> GoldenReport:
-    reference = OrtRunner(reference_path, graph_optimization_level="basic")
+    """Outputs of the compiled model against the reference on the spec's inputs, with the task's metrics
+    (per-sample cosine for feature-extraction, top-1 agreement for classification)."""
     v = spec.verify
+    task = spec.model.task
+    _check_thresholds(spec, task)
+    reference = OrtRunner(reference_path, graph_optimization_level="basic")
     if v.inputs:
         feeds = load_inputs(spec.resolve(v.inputs), reference.inputs)
     else:
         feeds = make_inputs(
             reference.inputs, samples=v.samples, seed=v.seed, dims=v.dims, shapes=v.shapes, ranges=v.ranges
         )
-    return compare_runners(reference, candidate, feeds, v.tolerances, v.per_output)
+    return compare_runners(
+        reference, candidate, feeds, v.tolerances, v.per_output, task=task, min_top1=v.min_top1_agreement
+    )
 
 
 def verify_decoder(spec: Spec, imported: ImportedModel, reference_path: Path, candidate) -> GoldenReport:
-    """Prefill logits and greedy tokens of the compiled decoder against the ONNX import and/or PyTorch."""
+    """Prefill logits, greedy tokens (teacher-forced and free-running) and perplexity of the compiled
+    decoder against the ONNX import and/or PyTorch."""
     from llmc.golden import compare_decoders
     from llmc.runtime.generator import Generator, TorchGenerator
     from llmc.runtime.tokenizer import Tokenizer
 
     v = spec.verify
+    _check_thresholds(spec, "text-generation")
     decoder = imported.decoder
     tokenizer = Tokenizer.from_files(imported.assets) if "tokenizer.json" in imported.assets else None
     prompts = v.prompts if tokenizer is not None else [[1, 2, 3, 4, 5, 6, 7, 8]]
+    perplexity_ids = _perplexity_ids(spec, tokenizer)
     references = {}
     if v.reference in ("onnx", "both"):
         runner = OrtRunner(reference_path, graph_optimization_level="basic")
@@ -253,7 +262,55 @@ def verify_decoder(spec: Spec, imported: ImportedModel, reference_path: Path, ca
         new_tokens=v.new_tokens,
         tolerances=v.tolerances,
         min_agreement=v.min_token_agreement,
+        min_free_running=v.min_free_running_agreement,
+        perplexity_ids=perplexity_ids,
+        perplexity_window=v.perplexity_window,
+        max_perplexity_ratio=v.max_perplexity_ratio,
     )
+
+
+def _check_thresholds(spec: Spec, task: str) -> None:
+    """A SpecError for a threshold that the model's task has no metric for."""
+    decoder_only = ("min_free_running_agreement", "max_perplexity_ratio")
+    wrong = [k for k in decoder_only if task != "text-generation" and getattr(spec.verify, k) is not None]
+    if task != "classification" and spec.verify.min_top1_agreement is not None:
+        wrong.append("min_top1_agreement")
+    if wrong:
+        raise SpecError(
+            f"verify.{wrong[0]} does not apply to a model with task '{task}'",
+            location=spec.locate(("verify", wrong[0])),
+            hint="min_top1_agreement is for classification; free-running agreement and perplexity for "
+            "text-generation",
+        )
+
+
+def _perplexity_ids(spec: Spec, tokenizer) -> list[int] | None:
+    """Token ids of the perplexity text (verify.perplexity_text, else the shipped one), or None when
+    perplexity is off (perplexity_tokens: 0) or the model has no tokenizer and no threshold needs it."""
+    from llmc.errors import ModelError
+    from llmc.metrics import eval_tokens
+
+    v = spec.verify
+    if not v.perplexity_tokens:
+        if v.max_perplexity_ratio is not None:
+            raise SpecError(
+                "verify.max_perplexity_ratio needs perplexity_tokens > 0",
+                location=spec.locate(("verify", "perplexity_tokens")),
+            )
+        return None
+    if tokenizer is None:
+        if v.max_perplexity_ratio is not None:
+            raise SpecError(
+                "verify.max_perplexity_ratio needs the model's tokenizer.json to read the text, and it has none",
+                location=spec.locate(("verify", "max_perplexity_ratio")),
+            )
+        return None
+    path = spec.resolve(v.perplexity_text) if v.perplexity_text else None
+    try:
+        return eval_tokens(tokenizer, path, v.perplexity_tokens)
+    except ModelError as exc:
+        where = ("verify", "perplexity_text") if v.perplexity_text else ("verify",)
+        raise SpecError(exc.message, location=spec.locate(where)) from None
 
 
 def _pytorch_model(imported: ImportedModel):

@@ -6,6 +6,9 @@ default to [0, 2) so that index-like inputs stay in range, floats to a standard 
 An output passes when every element has ``|out - ref| <= max_abs + max_rel * |ref|`` and the cosine of the
 flattened tensors reaches ``cosine`` (unless the reference's RMS is below ``max_abs``: then the cosine
 measures rounding noise and only the elementwise bound applies); integer and boolean outputs must be equal.
+Beside the outputs, the report carries accuracy metrics (``llmc.metrics``) with the spec's thresholds:
+per-sample cosine for encoders, top-1 agreement for classifiers, and for decoders teacher-forced and
+free-running greedy token agreement and the perplexity ratio on a text.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from llmc.errors import Mismatch, SpecError, VerificationError
+from llmc.metrics import MetricCheck, metrics_markdown
 from llmc.runtime.runner import Runner, TensorSig
 from llmc.spec import Tolerances
 
@@ -141,10 +145,15 @@ class GoldenReport:
     rows: list[OutputComparison] = field(default_factory=list)
     samples: int = 0
     tokens: list[TokenAgreement] = field(default_factory=list)
+    metrics: list[MetricCheck] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.rows) and all(t.passed for t in self.tokens)
+        return (
+            all(r.passed for r in self.rows)
+            and all(t.passed for t in self.tokens)
+            and all(m.passed for m in self.metrics)
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -152,10 +161,12 @@ class GoldenReport:
             "samples": self.samples,
             "outputs": [r.to_json() for r in self.rows],
             "tokens": [t.to_json() for t in self.tokens],
+            "metrics": [m.to_json() for m in self.metrics],
         }
 
     def markdown(self) -> str:
-        lines = [
+        lines = [metrics_markdown(self.metrics), ""] if self.metrics else []
+        lines += [
             "| output | max abs | max rel | cosine | mismatched | result |",
             "|---|---|---|---|---|---|",
         ]
@@ -218,14 +229,22 @@ def compare_runners(
     feeds: list[dict[str, np.ndarray]],
     tolerances: Tolerances,
     per_output: dict[str, Tolerances] | None = None,
+    *,
+    task: str = "generic",
+    min_top1: float | None = None,
 ) -> GoldenReport:
-    """Run both on every feed and compare every output the reference has (worst sample kept per output)."""
+    """Run both on every feed and compare every output the reference has (worst sample kept per output).
+
+    ``feature-extraction`` adds the per-sample cosine of each float output (threshold: its tolerance's
+    cosine); ``classification`` adds the top-1 agreement of each float output with classes on its last axis.
+    """
     per_output = per_output or {}
     names = [o.name for o in reference.outputs]
     missing = set(names) - {o.name for o in candidate.outputs}
     if missing:
         raise VerificationError(f"the compiled model lacks outputs {sorted(missing)}")
     worst: dict[str, OutputComparison] = {}
+    pairs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {name: [] for name in names}
     last_token = set(getattr(candidate, "last_token_outputs", ()))
     for feed in feeds:
         ref_out = reference.run(feed)
@@ -233,9 +252,8 @@ def compare_runners(
         for name in last_token & set(names):  # compare the position the candidate computes: the last one
             ref_out[name] = np.asarray(ref_out[name])[:, -1:]
         for name in names:
-            row = compare_arrays(
-                name, np.asarray(cand_out[name]), np.asarray(ref_out[name]), per_output.get(name, tolerances)
-            )
+            ref, out = np.asarray(ref_out[name]), np.asarray(cand_out[name])
+            row = compare_arrays(name, out, ref, per_output.get(name, tolerances))
             prev = worst.get(name)
             if (
                 prev is None
@@ -243,7 +261,98 @@ def compare_runners(
                 or (prev.passed == row.passed and row.max_abs > prev.max_abs)
             ):
                 worst[name] = row
-    return GoldenReport([worst[n] for n in names], samples=len(feeds))
+            if ref.dtype.kind == "f" and ref.ndim >= 1 and ref.shape == out.shape:
+                pairs[name].append((ref, out))
+    report = GoldenReport([worst[n] for n in names], samples=len(feeds))
+    report.metrics = task_metrics(task, pairs, tolerances, per_output, min_top1)
+    return report
+
+
+def task_metrics(
+    task: str,
+    pairs: dict[str, list[tuple[np.ndarray, np.ndarray]]],
+    tolerances: Tolerances,
+    per_output: dict[str, Tolerances],
+    min_top1: float | None,
+) -> list[MetricCheck]:
+    """The accuracy metrics of an encoder or classifier from its (reference, candidate) outputs per name."""
+    from llmc.metrics import cosine_stats, top1_agreement
+
+    checks = []
+    for name, batches in pairs.items():
+        if not batches:
+            continue
+        if task == "feature-extraction":
+            stats = cosine_stats(batches)
+            checks.append(
+                MetricCheck(
+                    f"cosine per sample, {name}",
+                    stats.min,
+                    per_output.get(name, tolerances).cosine,
+                    detail=f"min of {stats.samples} samples; mean {stats.mean:.6f}",
+                )
+            )
+        elif task == "classification" and batches[0][0].shape[-1] > 1:
+            matches, total = top1_agreement(batches)
+            checks.append(
+                MetricCheck(
+                    f"top-1 agreement, {name}",
+                    matches / total if total else 1.0,
+                    min_top1,
+                    detail=f"{matches}/{total} samples",
+                )
+            )
+    return checks
+
+
+def decoder_metrics(
+    name: str,
+    tokens: Sequence[TokenAgreement],
+    free: Sequence[Any],
+    perplexities: tuple[Any, Any] | None,
+    *,
+    min_agreement: float,
+    min_free_running: float | None,
+    max_perplexity_ratio: float | None,
+) -> list[MetricCheck]:
+    """Token agreement (teacher-forced: worst prompt; free-running: all prompts) and the perplexity ratio
+    (candidate / reference) against one reference."""
+    checks = []
+    if tokens:
+        worst = min((t.matched / t.total if t.total else 1.0) for t in tokens)
+        matched, total = sum(t.matched for t in tokens), sum(t.total for t in tokens)
+        checks.append(
+            MetricCheck(
+                f"teacher-forced greedy tokens vs {name} (worst prompt)",
+                worst,
+                min_agreement,
+                detail=f"{matched}/{total} over {len(tokens)} prompts",
+            )
+        )
+    if free:
+        leading, equal = sum(f.leading for f in free), sum(f.equal for f in free)
+        total = sum(f.total for f in free)
+        checks.append(
+            MetricCheck(
+                f"free-running greedy tokens vs {name} (leading, all prompts)",
+                leading / total if total else 1.0,
+                min_free_running,
+                detail=f"leading {leading}/{total}, equal positions {equal}/{total}; "
+                f"per prompt {', '.join(str(f.leading) for f in free)}",
+            )
+        )
+    if perplexities is not None:
+        ref, cand = perplexities
+        checks.append(
+            MetricCheck(
+                f"perplexity ratio vs {name}",
+                cand.value / ref.value,
+                max_perplexity_ratio,
+                higher_is_better=False,
+                detail=f"{cand.value:.4f} vs {ref.value:.4f} on {cand.tokens} tokens ({cand.windows} windows)",
+            )
+        )
+    return checks
 
 
 def compare_decoders(
@@ -254,14 +363,22 @@ def compare_decoders(
     new_tokens: int,
     tolerances: Tolerances,
     min_agreement: float,
+    min_free_running: float | None = None,
+    perplexity_ids: Sequence[int] | None = None,
+    perplexity_window: int = 128,
+    max_perplexity_ratio: float | None = None,
 ) -> GoldenReport:
-    """Decoders (DecoderLoops): prefill logits within tolerance and teacher-forced greedy token agreement
-    with each reference's greedy continuation, per prompt."""
+    """Decoders (DecoderLoops): prefill logits within tolerance, and per reference teacher-forced and
+    free-running greedy token agreement with its greedy continuation of each prompt, and the perplexity
+    ratio on ``perplexity_ids`` (when given)."""
+    from llmc.metrics import free_running_agreement, perplexity
     from llmc.runtime.generator import teacher_forced_agreement
 
     report = GoldenReport(samples=len(prompts))
+    cand_ppl = perplexity(candidate, perplexity_ids, perplexity_window) if perplexity_ids else None
     for name, reference in references.items():
         worst = None
+        tokens, free = [], []
         for prompt in prompts:
             ids = candidate.encode(prompt)
             row = compare_arrays(
@@ -271,7 +388,7 @@ def compare_decoders(
                 worst = row
             continuation = reference.generate(ids, new_tokens, stop_at_eos=False).tokens
             agreement = teacher_forced_agreement(candidate, ids, continuation)
-            report.tokens.append(
+            tokens.append(
                 TokenAgreement(
                     name,
                     str(prompt),
@@ -281,12 +398,25 @@ def compare_decoders(
                     min_agreement,
                 )
             )
+            free.append(free_running_agreement(candidate, ids, continuation))
         if worst is not None:
             report.rows.append(worst)
+        report.tokens += tokens
+        ppl = (perplexity(reference, perplexity_ids, perplexity_window), cand_ppl) if cand_ppl else None
+        report.metrics += decoder_metrics(
+            name,
+            tokens,
+            free,
+            ppl,
+            min_agreement=min_agreement,
+            min_free_running=min_free_running,
+            max_perplexity_ratio=max_perplexity_ratio,
+        )
     return report
 
 
 def raise_if_failed(report: GoldenReport, label: str) -> None:
+    """A VerificationError whose message holds the report's tables, when an output or a metric failed."""
     if report.passed:
         return
     table = [
@@ -294,8 +424,16 @@ def raise_if_failed(report: GoldenReport, label: str) -> None:
         for r in report.rows
         if not r.passed
     ]
+    reasons = []
+    if table:
+        reasons.append("outputs differ from the reference beyond the spec's tolerances")
+    failed = [m.name for m in report.metrics if not m.passed]
+    if failed:
+        reasons.append("accuracy misses the spec's thresholds: " + "; ".join(failed))
+    elif any(not t.passed for t in report.tokens):
+        reasons.append("greedy tokens of a prompt miss verify.min_token_agreement")
     raise VerificationError(
-        f"{label}: outputs differ from the reference beyond the spec's tolerances\n{report.markdown()}",
+        f"{label}: {' and '.join(reasons)}\n{report.markdown()}",
         table=table,
-        hint="loosen verify.tolerances for these outputs, or find the pass that broke it with --dump-ir",
+        hint="loosen verify.tolerances or the verify thresholds, or find the pass that broke it with --dump-ir",
     )

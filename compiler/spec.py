@@ -75,7 +75,9 @@ class Tolerances(_Strict):
 
 
 class VerifySpec(_Strict):
-    """How the compiled model is checked against the reference (the imported, unoptimized model)."""
+    """How the compiled model is checked against the reference (the imported, unoptimized model): outputs
+    within ``tolerances`` (for encoders, ``tolerances.cosine`` is also the lowest cosine per sample), and
+    accuracy metrics against the thresholds below; a missed one fails the compile."""
 
     enabled: bool = True
     reference: Literal["onnx", "pytorch", "both"] = Field(
@@ -87,7 +89,39 @@ class VerifySpec(_Strict):
     )
     new_tokens: int = Field(default=16, ge=1, description="decoders: greedy tokens compared per prompt")
     min_token_agreement: float = Field(
-        default=1.0, ge=0, le=1, description="decoders: share of teacher-forced greedy tokens that must match"
+        default=1.0,
+        ge=0,
+        le=1,
+        description="decoders: share of teacher-forced greedy tokens that must match (every prompt)",
+    )
+    min_free_running_agreement: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="decoders: share of greedy tokens, generated free-running, equal to the reference's "
+        "before the first difference (all prompts together); None: reported only",
+    )
+    max_perplexity_ratio: float | None = Field(
+        default=None,
+        gt=0,
+        description="decoders: highest perplexity of the compiled model / the reference's (e.g. 1.05); "
+        "None: reported only",
+    )
+    perplexity_text: str | None = Field(
+        default=None, description="decoders: text file for perplexity (default: llmc's shipped eval.txt)"
+    )
+    perplexity_tokens: int = Field(
+        default=128, ge=0, description="decoders: tokens of the text scored for perplexity (0: skip it)"
+    )
+    perplexity_window: int = Field(
+        default=128, ge=2, description="decoders: perplexity window; each window starts a fresh KV cache"
+    )
+    min_top1_agreement: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="classification: share of samples whose top-1 class equals the reference's; "
+        "None: reported only",
     )
     inputs: str | None = Field(default=None, description=".npz file of inputs (else seeded random inputs)")
     samples: int = Field(default=2, ge=1, description="random input sets")

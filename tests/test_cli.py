@@ -71,6 +71,7 @@ def test_compile_writes_a_verified_artifact(project: Path, capsys) -> None:
         "cpu-fuse-skip-norm",  # the CPU target's legalization follows the spec's pipeline
         "cpu-attention",
         "cpu-matmul-nbits",
+        "cpu-dynamic-quantize-matmul",
         "eliminate-dead-code",
     ]
     assert passes[0]["changed"] and passes[1]["changed"] and not passes[2]["changed"]

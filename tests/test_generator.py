@@ -163,18 +163,40 @@ def test_artifact_loading(tmp_path):
 
 
 def test_bench_decoder_side_by_side():
-    result = bench.bench_decoder(tiny_artifact("llama"), prompt_len=12, new_tokens=6, runs=2, warmup=1)
+    result = bench.bench_decoder(
+        tiny_artifact("llama"), prompt_len=12, new_tokens=6, runs=2, warmup=1, perplexity_tokens=40
+    )
     names = [row["name"] for row in result["results"]]
     assert names == ["pytorch", "onnx-plain", "llmc"] and result["reference"] == "pytorch"
+    accuracy = result["settings"]["accuracy"]
+    assert accuracy["reference"] == "pytorch" and accuracy["prompts"] == 3  # bench prompt + 2 verify prompts
+    assert accuracy["perplexity_tokens"] == 40  # the shipped text, all unknown words (w0) for this tokenizer
     for row in result["results"]:
         assert row["prefill_ms"] > 0 and row["decode_tokens_per_s"] > 0
-        assert row["tokens_agree"] == row["tokens_total"] == 6
-        assert row["size_mb"] > 0 and row["rss_mb"] >= 0
+        assert row["size_mb"] > 0 and row["rss_mb"] >= 0 and row["greedy_identical"]
+        assert row["perplexity"] > 1 and row["perplexity_ratio"] == pytest.approx(1, abs=1e-3)
+    assert "tokens_agree" not in result["results"][0]  # the reference is not compared with itself
+    for row in result["results"][1:]:
+        assert row["tokens_agree"] == row["tokens_total"] == 18 and row["tokens_agree_per_prompt"] == [6] * 3
     assert result["results"][2]["x_onnx-plain"] > 0
     assert "cpu_flags" in result["machine"] and len(result["prompt_tokens"]) == 12
     table = bench.markdown_table(result)
-    assert table.startswith("| candidate |") and "| llmc |" in table and "6/6" in table
+    assert table.startswith("| candidate |") and "| llmc |" in table and "18/18" in table
+    assert "tokens = pytorch (teacher-forced)" in table and "(reference)" in table and "perplexity" in table
     json.dumps(result)
+
+
+def test_bench_accuracy_without_baselines_and_turned_off():
+    artifact = tiny_artifact("llama")
+    alone = bench.bench_decoder(
+        artifact, baselines=[], prompt_len=8, new_tokens=4, runs=1, perplexity_tokens=20
+    )
+    (row,) = alone["results"]
+    assert alone["settings"]["accuracy"]["reference"] == "onnx-plain"  # loaded for accuracy only
+    assert row["tokens_agree"] == row["tokens_total"] == 12 and row["perplexity_ratio"] == pytest.approx(1)
+    off = bench.bench_artifact(artifact, baselines=[], prompt_len=8, new_tokens=4, runs=1, accuracy=False)
+    assert "tokens_agree" not in off["results"][0] and "perplexity" not in off["results"][0]
+    assert "accuracy not measured" in bench.markdown_table(off)
 
 
 def test_bench_encoder_and_skipped_baselines(tmp_path):
@@ -185,7 +207,7 @@ def test_bench_encoder_and_skipped_baselines(tmp_path):
     result = bench.bench_artifact(artifact, batch_sizes=[1, 2], seq_len=8, runs=2, prompt_len=99)
     assert [row["name"] for row in result["results"]] == ["pytorch", "llmc"]
     assert "onnx-plain" in result["skipped"]
-    assert result["results"][1]["min_cosine"] > 0.9999
+    assert result["results"][1]["min_cosine"] > 0.9999 and result["results"][1]["mean_cosine"] > 0.9999
     assert "skipped onnx-plain" in bench.markdown_table(result)
     with pytest.raises(ModelError, match="unknown baseline"):
         bench.bench_artifact(artifact, baselines=["tensorflow"])
