@@ -1,0 +1,1 @@
+"""Partitioning passes: cut a graph into stages for pipeline-parallel execution."""
