@@ -2,11 +2,68 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Platform = Literal["tpu", "cpu", "cuda", "rocm"]
+ShardKind = Literal["attention_heads", "ffn"]
+
+
+class MeshSpec(BaseModel):
+    """A device mesh for tensor parallelism: named axes with sizes, and what is split over ``axis``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shape: dict[str, int] = Field(
+        description="mesh axes in order, name -> number of devices, e.g. {model: 2} or {data: 1, model: 4}"
+    )
+    axis: str | None = Field(
+        default=None,
+        description="the axis that attention heads and FFN channels are split over (default: 'model' when the "
+        "mesh has it, else its only axis)",
+    )
+    shard: list[ShardKind] = Field(
+        default_factory=lambda: ["attention_heads", "ffn"],
+        description="what to split: attention_heads (q/k/v projection columns by head, o_proj rows) and ffn "
+        "(gate/up columns, down rows)",
+    )
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, value: dict[str, int]) -> dict[str, int]:
+        if not value:
+            raise ValueError("the mesh names no axis: give at least one, e.g. {model: 2}")
+        bad = [f"'{name}': {size}" for name, size in value.items() if size < 1]
+        if bad:
+            raise ValueError(f"mesh axis sizes must be at least 1 ({', '.join(bad)})")
+        return value
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("shard names a kind twice")
+        return value
+
+    @model_validator(mode="after")
+    def _axis(self) -> MeshSpec:
+        if self.axis is not None and self.axis not in self.shape:
+            raise ValueError(f"axis '{self.axis}' is not a mesh axis (axes: {list(self.shape)})")
+        if self.axis is None and "model" not in self.shape and len(self.shape) > 1:
+            raise ValueError(f"name the tensor-parallel axis: axis: one of {list(self.shape)}")
+        return self
+
+    @property
+    def tensor_axis(self) -> str:
+        """The axis heads and channels are split over."""
+        return self.axis or ("model" if "model" in self.shape else next(iter(self.shape)))
+
+    @property
+    def size(self) -> int:
+        """Devices in the mesh (the product of the axis sizes)."""
+        return math.prod(self.shape.values())
 
 
 class TpuTargetSpec(BaseModel):
@@ -43,6 +100,12 @@ class TpuTargetSpec(BaseModel):
         default=None,
         description="TPU topology for the ahead-of-time compile check where libtpu is installed "
         "(default: the attached TPU)",
+    )
+    mesh: MeshSpec | None = Field(
+        default=None,
+        description="tensor parallelism: a device mesh and what to shard over it, e.g. "
+        "{shape: {model: 2}, shard: [attention_heads, ffn]}; the modules then carry sharding annotations and "
+        "run on that many devices",
     )
 
     @field_validator("buckets")

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from llmc.errors import ModelError, TargetError
-from llmc.ir import Graph, onnx_dtype_to_np
+from llmc.ir import Graph, clone, onnx_dtype_to_np
 from llmc.pass_manager import Pipeline
 from llmc.runtime.runner import TensorSig
 from llmc.targets.base import EmitContext, Target, platform_info, read_manifest, versions, write_manifest
@@ -239,13 +239,19 @@ class TpuTarget(Target):
         jax = jaxenv.require_jax()
         from jax import export
 
-        from llmc.targets.tpu import lowering
+        from llmc.targets.tpu import lowering, sharding
 
+        mesh = self.options.mesh
+        if mesh is not None:  # merged q/k/v and gate/up weights cannot be split by head: split them back
+            graph = clone(graph)
+            sharding.unmerge_projections(graph, self.options.inline_limit)
         lowering.check_supported(graph)
         weights = lowering.weight_arguments(graph, self.options.inline_limit)
-        fn = jax.jit(lowering.lower_graph(graph, weights))
-        weight_specs = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in weights.items()}
         inputs = runtime_inputs(graph)
+        plan = sharding.plan_sharding(graph, weights, mesh) if mesh is not None else None
+        jit_options = {"in_shardings": sharding.jit_shardings(jax, plan, weights, inputs)} if plan else {}
+        fn = jax.jit(lowering.lower_graph(graph, weights), **jit_options)
+        weight_specs = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in weights.items()}
         input_dtypes = {n: np.dtype(onnx_dtype_to_np(graph.dtype(n))) for n in inputs}
 
         exported_all = []  # every bucket is traced and exported before anything is written
@@ -279,6 +285,7 @@ class TpuTarget(Target):
                     "module": f"modules/{module_path.name}",
                     "mlir": f"modules/{mlir_path.name}",
                     "module_bytes": len(blob),
+                    "nr_devices": exported.nr_devices,
                     "mlir_bytes": mlir_path.stat().st_size,
                 }
             )
@@ -294,6 +301,7 @@ class TpuTarget(Target):
             "platforms": list(self.options.platforms),
             "precision": self.options.precision,
             "buckets": rows,
+            **({"sharding": plan.to_json()} if plan else {}),  # tensor parallel: the mesh and the splits
             "weights": {
                 "file": WEIGHTS_FILE,
                 "count": len(weights),
@@ -323,6 +331,14 @@ class TpuTarget(Target):
         }
         write_manifest(out_dir, manifest)
         return manifest
+
+    def can_run(self) -> str | None:
+        """Why the modules cannot run here (a mesh larger than this machine's devices), or None."""
+        if self.options.mesh is None:
+            return None
+        from llmc.targets.tpu import sharding
+
+        return sharding.devices_missing(jaxenv.require_jax(), self.options.mesh.size)
 
     def load(self, artifact_dir: Path) -> JaxRunner:
         return load_runner(artifact_dir)
@@ -378,10 +394,19 @@ def tpu_compile_check(
             device = topologies.get_topology_desc(options.topology, "tpu").devices[0]
         else:
             device = jax.devices("tpu")[0]
-        sharding = jax.sharding.SingleDeviceSharding(device)
         results = []
         for bucket, module in exported:
-            args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in module.in_avals]
+            shardings = [jax.sharding.SingleDeviceSharding(device)] * len(module.in_avals)
+            if options.mesh is not None:  # a sharded module compiles for a mesh of that many TPU devices
+                devices = jax.devices("tpu")[: options.mesh.size]
+                mesh = jax.make_mesh(
+                    tuple(options.mesh.shape.values()), tuple(options.mesh.shape), devices=devices
+                )
+                shardings = module.in_shardings_jax(mesh)
+            args = [
+                jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+                for a, s in zip(module.in_avals, shardings, strict=True)
+            ]
             w_tree, i_tree = jax.tree_util.tree_unflatten(module.in_tree, args)[0]
             jax.jit(module.call).lower(w_tree, i_tree).compile()
             results.append(bucket.slug)
@@ -411,7 +436,12 @@ class JaxRunner:
         self.outputs = [_tensor_sig(row) for row in manifest["outputs"]]
         self.buckets: list[dict[str, Any]] = manifest["buckets"]
         weights = load_weights(self.artifact_dir / manifest["weights"]["file"])
-        self._weights = {name: jax.device_put(array) for name, array in weights.items()}
+        if manifest.get("sharding"):  # tensor parallel: each weight split over the mesh as exported
+            from llmc.targets.tpu import sharding
+
+            self._weights = sharding.place_weights(jax, manifest["sharding"], weights)
+        else:
+            self._weights = {name: jax.device_put(array) for name, array in weights.items()}
         self._export = export
         self._calls: dict[int, Any] = {}
 
