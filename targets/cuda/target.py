@@ -122,8 +122,9 @@ class CudaTarget(CpuTarget):
             steps += ["cpu-fuse-skip-norm", {"cpu-attention": attention}]
             if (
                 "cpu-matmul-nbits" in registered_passes()
-            ):  # int4/int8 weights -> MatMulNBits (CUDA has it too)
-                steps.append("cpu-matmul-nbits")
+            ):  # int4/int8 weights -> MatMulNBits (CUDA has it too); CUDA's GatherBlockQuantized takes fp16/bf16
+                # scales only and was never run here on a GPU, so a quantized embedding stays in standard form
+                steps.append({"cpu-matmul-nbits": {"embedding": False}})
             steps.append("eliminate-dead-code")
         if self.options.precision != "fp32":  # after the cleanup: dead mask math is not converted
             steps.append({"convert-precision": self.options.precision_options()})
