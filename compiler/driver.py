@@ -7,6 +7,7 @@ and failure reproducers live outside the artifact so that a failed run still lea
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from typing import Any
 from llmc.calibration import build_calibration
 from llmc.errors import SpecError
 from llmc.frontends import ImportedModel, import_model
+from llmc.frontends.base import DecoderSpec
 from llmc.golden import GoldenReport, compare_runners, load_inputs, make_inputs, raise_if_failed
 from llmc.ir import Graph, Summary, clone, save_model, summarize
 from llmc.pass_manager import DumpIR, PassContext, PassManager, Pipeline, PipelineReport
@@ -127,6 +129,7 @@ def compile_spec(
             shutil.rmtree(failure_dir, ignore_errors=True)
         timings["pipeline"] = time.perf_counter() - t0
         after = summarize(graph)
+        decoder = compiled_decoder(imported.decoder, report)
 
         result = CompileResult(out_dir, before, after, report, timings=timings, dumps=dump_dir)
         names = spec.target_names()
@@ -135,7 +138,16 @@ def compile_spec(
             artifact = staging / "artifact" if len(names) == 1 else staging / "artifact" / name
             result.targets.append(
                 _build_target(
-                    spec, name, target_graph, imported, artifact, reference_path, report, progress, timings
+                    spec,
+                    name,
+                    target_graph,
+                    imported,
+                    decoder,
+                    artifact,
+                    reference_path,
+                    report,
+                    progress,
+                    timings,
                 )
             )
         timings["total"] = time.perf_counter() - t_start
@@ -163,6 +175,7 @@ def _build_target(
     name: str,
     graph: Graph,
     imported: ImportedModel,
+    decoder: DecoderSpec | None,
     artifact: Path,
     reference_path: Path | None,
     report: PipelineReport,
@@ -184,7 +197,7 @@ def _build_target(
         spec_name=spec.name or (spec.file.stem if spec.file else ""),
         task=imported.task,
         source={"kind": imported.source, "path": spec.model.path, **_jsonable(imported.info)},
-        decoder=imported.decoder.to_json() if imported.decoder else None,
+        decoder=decoder.to_json() if decoder else None,
         assets=imported.assets,
         pipeline_text=Pipeline.parse(spec.pipeline).text(),
         pipeline_report=[_deterministic(r.to_json()) for r in report.records + legalize.records],
@@ -210,7 +223,9 @@ def _build_target(
         t0 = time.perf_counter()
         progress("verify", {"target": name})
         if imported.task == "text-generation" and imported.decoder is not None:
-            golden = verify_decoder(spec, imported, reference_path, target.load(artifact))
+            golden = verify_decoder(
+                spec, imported, reference_path, target.load(artifact), candidate_decoder=decoder
+            )
         else:
             golden = verify_artifact(spec, reference_path, target.load(artifact))
         timings[f"verify.{name}"] = time.perf_counter() - t0
@@ -236,7 +251,25 @@ def verify_artifact(spec: Spec, reference_path: Path, candidate) -> GoldenReport
     )
 
 
-def verify_decoder(spec: Spec, imported: ImportedModel, reference_path: Path, candidate) -> GoldenReport:
+def compiled_decoder(decoder: DecoderSpec | None, report: PipelineReport) -> DecoderSpec | None:
+    """The decoder's interface after the pipeline: a pass that changes it (structured pruning of whole kv
+    groups changes ``num_kv_heads``) reports the new values in ``details["decoder"]``."""
+    if decoder is None:
+        return None
+    changes: dict[str, Any] = {}
+    for record in report.records:
+        changes |= record.details.get("decoder", {}) or {}
+    return dataclasses.replace(decoder, **changes) if changes else decoder
+
+
+def verify_decoder(
+    spec: Spec,
+    imported: ImportedModel,
+    reference_path: Path,
+    candidate,
+    *,
+    candidate_decoder: DecoderSpec | None = None,
+) -> GoldenReport:
     """Prefill logits, greedy tokens (teacher-forced and free-running) and perplexity of the compiled
     decoder against the ONNX import and/or PyTorch."""
     from llmc.golden import compare_decoders
@@ -257,7 +290,7 @@ def verify_decoder(spec: Spec, imported: ImportedModel, reference_path: Path, ca
         references["pytorch"] = TorchGenerator(_pytorch_model(imported), decoder, tokenizer)
     return compare_decoders(
         references,
-        Generator(candidate, decoder, tokenizer),
+        Generator(candidate, candidate_decoder or decoder, tokenizer),
         prompts,
         new_tokens=v.new_tokens,
         tolerances=v.tolerances,

@@ -1,0 +1,46 @@
+"""A pass that changes a decoder's interface (structured pruning of whole kv groups) reaches the artifact:
+the manifest's DecoderSpec and the generator that verifies the candidate use the pruned cache shape."""
+
+from __future__ import annotations
+
+import json
+
+from fixtures_frontends.tiny import tiny_folder
+
+from llmc.driver import compile_spec
+from llmc.runtime.generator import load_artifact_generator
+from llmc.spec import load_spec
+
+SPEC = """
+model: {{source: hf, path: {folder}, task: text-generation}}
+pipeline:
+  - upgrade-opset: {{version: 24}}
+  - fold-weight-transposes
+  - fold-constants
+  - fuse-rms-norm
+  - fuse-silu-gate
+  - fuse-rotary
+  - fuse-attention
+  - merge-qkv
+  - prune-structured: {{head_ratio: 0.5, head_mode: group, multiple_of: 1}}
+  - eliminate-dead-code
+calibration: {{prompts: ["w5 w6 w7 w8 w9 w10", "w11 w12 w13 w14"]}}
+verify:
+  prompts: ["w5 w6 w7"]
+  new_tokens: 4
+  min_token_agreement: 0.0
+  perplexity_tokens: 0
+  tolerances: {{max_abs: 1.0e+6, max_rel: 1.0e+6, cosine: -1.0}}
+output: {{dir: out}}
+"""
+
+
+def test_kv_group_pruning_changes_the_artifacts_decoder_spec(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(SPEC.format(folder=tiny_folder("llama")))
+    result = compile_spec(load_spec(path), force=True)
+    manifest = json.loads((result.out_dir / "manifest.json").read_text())
+    assert manifest["decoder"]["num_kv_heads"] == 1  # tiny llama: 2 kv groups, half removed
+    generator = load_artifact_generator(result.out_dir)
+    tokens = generator.generate("w5 w6 w7", max_new_tokens=4, stop_at_eos=False).tokens
+    assert len(tokens) == 4
