@@ -69,6 +69,7 @@ class PassError(LlmcError):
         self, pass_name: str, message: str, *, dumps: list[Path] | None = None, hint: str | None = None
     ):
         self.pass_name = pass_name
+        self.detail = message  # without the "pass '<name>':" prefix
         self.dumps = dumps or []
         text = f"pass '{pass_name}': {message}"
         if self.dumps:

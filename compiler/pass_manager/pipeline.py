@@ -194,8 +194,10 @@ class PassManager:
             result = p.run(graph, self.ctx)
             if not isinstance(result, PassResult):
                 raise TypeError(f"run() returned {type(result).__name__}, expected PassResult")
+        except PassError as exc:  # already names a pass: keep its own words, not "pass 'x': pass 'x': ..."
+            raise self._fail(p, graph, exc, index, before_snapshot, exc.detail) from exc
         except LlmcError as exc:
-            raise self._fail(p, graph, exc, index, before_snapshot, str(exc)) from exc
+            raise self._fail(p, graph, exc, index, before_snapshot, exc.message) from exc
         except Exception as exc:
             detail = f"raised {type(exc).__name__}: {exc}"
             raise self._fail(p, graph, exc, index, before_snapshot, detail) from exc
@@ -243,7 +245,7 @@ class PassManager:
                 pass
         if self.failure_dir is not None:
             dumps.extend(_write_reproducer(self.failure_dir, p, graph, exc, index, before))
-        return PassError(p.name, detail, dumps=dumps)
+        return PassError(p.name, detail, dumps=dumps, hint=getattr(exc, "hint", None))
 
 
 def _write_reproducer(

@@ -17,6 +17,7 @@ from llmc.pass_manager import Pipeline
 from llmc.runtime.runner import OrtRunner
 from llmc.spec import CpuTargetSpec
 from llmc.targets.base import EmitContext, Target, platform_info, read_manifest, versions, write_manifest
+from llmc.targets.cpu.stages import emit_stages, is_partitioned
 
 HOW_TO_RUN = (
     "import onnxruntime as ort; s = ort.InferenceSession('model.onnx', providers=['CPUExecutionProvider']); "
@@ -65,6 +66,11 @@ class CpuTarget(Target):
         out_dir.mkdir(parents=True, exist_ok=True)
         _unique_node_names(graph)
         files = save_model(graph, out_dir / "model.onnx", external_data=self.options.external_data)
+        stages = (  # partition-pipeline ran: one model per stage beside the whole one
+            emit_stages(graph, out_dir, external_data=self.options.external_data)
+            if is_partitioned(graph)
+            else None
+        )
         assets = {}
         if ctx.assets:
             (out_dir / "assets").mkdir(exist_ok=True)
@@ -90,6 +96,11 @@ class CpuTarget(Target):
             "platform": platform_info(),
             "opsets": dict(sorted(graph.opset_imports.items())),
         }
+        if stages is not None:
+            manifest["pipeline_stages"] = stages
+            manifest["files"].update(
+                {n: size for row in stages["stages"] for n, size in row["files"].items()}
+            )
         write_manifest(out_dir, manifest)
         return manifest
 
@@ -110,8 +121,19 @@ def _unique_node_names(graph: Graph) -> None:
             seen.add(node.name)
 
 
-def load_runner(artifact_dir: Path, manifest: dict[str, Any] | None = None) -> OrtRunner:
+def load_runner(
+    artifact_dir: Path, manifest: dict[str, Any] | None = None, *, ray_address: str | None = None
+):
+    """The artifact's runner: one onnxruntime session, or its pipeline stages (in process, or on Ray actors
+    when ``ray_address`` is given: "local" starts a local Ray runtime)."""
     manifest = manifest or read_manifest(artifact_dir)
+    if manifest.get("pipeline_stages"):
+        from llmc.distributed.pipeline import load_pipeline_runner
+
+        if ray_address is None:
+            return load_pipeline_runner(artifact_dir, manifest, use_ray=False)
+        address = None if ray_address == "local" else ray_address
+        return load_pipeline_runner(artifact_dir, manifest, ray_address=address, use_ray=True)
     runtime = manifest.get("runtime", {})
     return OrtRunner(
         Path(artifact_dir) / manifest.get("model", "model.onnx"),
