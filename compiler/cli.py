@@ -130,12 +130,25 @@ def run(
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="write the outputs to this .npz")] = None,
     seed: Annotated[int, typer.Option(help="seed for random inputs when --inputs is not given")] = 0,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="pipeline-partitioned artifacts: run the stages on Ray actors ('local' or a cluster address)",
+        ),
+    ] = None,
 ) -> None:
     """Run an artifact on inputs (plain onnxruntime underneath) and show or save its outputs."""
     from llmc.golden import load_inputs, make_inputs
     from llmc.runtime.artifact import load_artifact
 
     runner, manifest = load_artifact(artifact)
+    if ray is not None:
+        if not manifest.get("pipeline_stages"):
+            raise ModelError(f"{artifact} is not partitioned into stages: --ray runs pipeline stages only")
+        from llmc.targets.cpu.target import load_runner
+
+        runner = load_runner(artifact, manifest, ray_address=ray)
     if inputs:
         feeds = load_inputs(inputs, runner.inputs)
     else:  # static-shape targets (tpu) take the shapes of their first bucket
@@ -249,6 +262,142 @@ def explain(
         console.print(line, markup=False, highlight=False)
 
 
+# -- sensitivity, bisect --------------------------------------------------------------------------------
+def _analysis_progress(status) -> object:
+    def progress(event: str, data: dict) -> None:
+        if event == "pass":
+            status.update(f"pass {data['index']}: {data['name']}")
+        elif event == "evaluate" and data["total"]:
+            status.update(f"quantizing group {data['index']}/{data['total']}: {data['group']}")
+        elif event == "evaluate":
+            status.update(f"quantizing {data['group']}")
+        elif event == "check":
+            status.update(f"golden check: {data['label']}")
+        elif event == "reference":
+            status.update("float reference outputs")
+        else:
+            status.update(f"{event} {' '.join(str(v) for v in data.values())}")
+
+    return progress
+
+
+def _check_by(by: str) -> None:
+    from llmc.sensitivity import GROUPINGS
+
+    if by not in GROUPINGS:
+        raise LlmcError(f"--by must be one of {', '.join(GROUPINGS)}, not '{by}'")
+
+
+def _sensitivity_table(report, top: int | None = None) -> Table:
+    table = Table(title=f"sensitivity of {report.pass_name} by {report.by} ({report.data})")
+    table.add_column("#", justify="right")
+    table.add_column("group")
+    table.add_column("weights", justify="right")
+    for col in report.columns:
+        table.add_column(col, justify="right")
+    table.add_column("share", justify="right")
+    for i, group in enumerate(report.groups[:top] if top else report.groups, 1):
+        values = [f"{group.metrics[c]:.4g}" for c in report.columns]
+        table.add_row(str(i), group.name, str(len(group.weights)), *values, f"{group.share:.1%}")
+    return table
+
+
+def _exclude_line(globs: list[str]) -> str:
+    return "exclude: " + json.dumps(globs)
+
+
+@app.command()
+def sensitivity(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="the YAML plan")],
+    pass_name: Annotated[
+        str | None, typer.Option("--pass", help="the pass to analyse (default: the first quantization pass)")
+    ] = None,
+    by: Annotated[str, typer.Option("--by", help="group weights by layer | kind | weight")] = "layer",
+    top: Annotated[int, typer.Option("--top", min=1, help="groups in the suggested exclude: line")] = 3,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="calibration windows / input samples")] = 4,
+    tokens: Annotated[int, typer.Option("--tokens", min=2, help="decoders: tokens per window")] = 32,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the results to this file")
+    ] = None,
+) -> None:
+    """Rank groups of weights by the error quantizing each adds (KL / top-1 for decoders, 1 - cosine else)."""
+    from llmc.sensitivity import analyze
+    from llmc.spec import load_spec
+
+    _check_by(by)
+    spec = load_spec(spec_path)
+    with console.status("sensitivity") as status:
+        report = analyze(
+            spec,
+            pass_name=pass_name,
+            by=by,
+            samples=samples,
+            tokens=tokens,
+            progress=_analysis_progress(status),
+        )
+    console.print(_sensitivity_table(report))
+    total = ", ".join(f"{k} {v:.4g}" for k, v in report.total.items())
+    console.print(f"all {len(report.groups)} groups quantized together: {total}")
+    console.print(
+        f"to keep the {min(top, len(report.groups))} most sensitive group(s) in float, give "
+        f"{report.pass_name} (pipeline step {report.pass_index + 1}):"
+    )
+    console.print("  " + _exclude_line(report.suggested_exclude(top)), markup=False, highlight=False)
+    console.print(f"time: {report.seconds:.1f}s")
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        console.print(f"wrote {json_out}")
+
+
+@app.command()
+def bisect(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="the YAML plan")],
+    by: Annotated[
+        str, typer.Option("--by", help="quantization: group weights by layer | kind | weight")
+    ] = "layer",
+    samples: Annotated[int, typer.Option("--samples", min=1, help="calibration windows / input samples")] = 4,
+    tokens: Annotated[int, typer.Option("--tokens", min=2, help="decoders: tokens per window")] = 32,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the results to this file")
+    ] = None,
+) -> None:
+    """Find the first pass that makes the golden check fail and, for quantization, the layers to exclude.
+
+    Exit codes: 0 cause found, 1 the whole pipeline passes or no cause found, 2 bad input.
+    """
+    from llmc.bisect import run_bisect
+    from llmc.spec import load_spec
+
+    _check_by(by)
+    spec = load_spec(spec_path)
+    with console.status("bisect") as status:
+        report = run_bisect(spec, by=by, samples=samples, tokens=tokens, progress=_analysis_progress(status))
+    table = Table(title="golden checks")
+    for col in ("#", "graph checked", "result", "key metric", "s"):
+        table.add_column(col, justify="right" if col in ("#", "s") else "left")
+    for i, check in enumerate(report.checks, 1):
+        result = "[green]pass[/]" if check.passed else "[red]FAIL[/]"
+        table.add_row(str(i), escape(check.label), result, escape(check.metric), f"{check.seconds:.1f}")
+    if report.checks:
+        console.print(table)
+    if report.sensitivity is not None:
+        console.print(_sensitivity_table(report.sensitivity, top=10))
+    if report.culprit:
+        console.print(f"[bold red]{escape(report.conclusion)}[/]")
+        console.print(f"first failing step: {report.culprit}", markup=False, highlight=False)
+    if report.exclude is not None:
+        console.print(f"add to {report.culprit.split('{')[0]} (pipeline step {report.culprit_number}):")
+        console.print("  " + _exclude_line(report.exclude), markup=False, highlight=False)
+    console.print(f"time: {report.seconds:.1f}s")
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        console.print(f"wrote {json_out}")
+    if not report.found:
+        from llmc.bisect import NoCulprit
+
+        raise NoCulprit(f"no failing pass found: {report.conclusion}")
+
+
 # -- passes, schema -------------------------------------------------------------------------------------
 @app.command()
 def passes() -> None:
@@ -282,6 +431,9 @@ def _register_optional_commands() -> None:
     except ImportError:
         return
     register(app)
+    from llmc.cli_distributed import register as register_run_batch
+
+    register_run_batch(app)
 
 
 _register_optional_commands()
