@@ -1,24 +1,45 @@
-"""``quantize-weights``: weight-only int4/int8 quantization of MatMul weights, as standard ONNX.
+"""``quantize-weights``: weight-only int4/int8 quantization of MatMul weights and embeddings, as standard ONNX.
 
 ``MatMul(x, W)`` with a constant float W [K, N] becomes ``MatMul(x, DequantizeLinear(Q, scale[, zero_point],
 axis=0, block_size=B))``: Q holds int4/int8 (symmetric) or uint4/uint8 (asymmetric) values in blocks of B
-rows along K, each block of each column with its own scale (round-to-nearest). The graph stays standard
-ONNX (opset 21+ blocked DequantizeLinear) and runs as it is; the CPU target legalizes the pair into
-onnxruntime's ``MatMulNBits``. Layers are chosen by name globs (``include``/``exclude`` on the weight name).
-A tied lm_head reads the embedding through a Transpose, so it is quantized only once fold-weight-transposes
-gave it its own transposed copy (``fold_shared: true``); the embedding Gather stays exact.
+rows along K, each block of each column with its own scale. The graph stays standard ONNX (opset 21+
+blocked DequantizeLinear) and runs as it is; the CPU target legalizes the pair into onnxruntime's
+``MatMulNBits``. Layers are chosen by name globs (``include``/``exclude`` on the weight name), and
+``overrides`` give matching weights their own bits / block size / algorithm.
+
+Two algorithms choose Q and the scales; the IR is the same for both:
+- ``rtn``: round to nearest, scale from the block's absmax (symmetric) or min/max (asymmetric);
+- ``gptq``: GPTQ (``gptq.py``) on the Hessian XᵀX of each MatMul's input over the spec's calibration set.
+  Hessians are read from the float graph before any weight is quantized (one onnxruntime run over the
+  calibration windows), one per distinct input value (merged q/k/v and gate/up weights share theirs).
+
+The embedding and the lm_head are left float unless ``embedding`` / ``lm_head`` say otherwise (the lm_head
+costs the most token agreement). The lm_head is the MatMul that writes the ``logits`` output or reads the
+embedding table transposed. A tied lm_head reads ``Transpose(table)`` (fold-weight-transposes keeps the
+table shared by default, so the quantize-weights of the past saw no constant weight there and left it fp32),
+or a pre-transposed copy that equals ``table.T``. Forms:
+- embedding: ``Gather(DequantizeLinear(Qe [vocab, hidden], scale [vocab, hidden/B][, zp], axis=1), ids)``;
+- lm_head alone: the MatMul form above over the transposed table (the Transpose goes);
+- both, tied, with one bits / block / symmetric: one DequantizeLinear over Qe feeds the Gather and a
+  ``Transpose(perm=[1, 0])`` read by the lm_head, so the table is stored once (blocks along hidden are
+  blocks along the lm_head's K, the layout MatMulNBits and GatherBlockQuantized read). The shared table is
+  quantized by round-to-nearest along hidden even under ``gptq``: GPTQ would fit it to the lm_head's
+  inputs, while the same values are also the embedding lookups, whose error GPTQ does not see.
 """
 
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
 
 import ml_dtypes
 import numpy as np
 from pydantic import Field, field_validator
 
 from llmc.errors import PassError
-from llmc.ir import Graph, Node
+from llmc.ir import Graph, Node, np_dtype_to_onnx
 from llmc.pass_manager import Pass, PassContext, PassOptions, PassResult, register_pass
 from llmc.rewrite import RULE_KEY
 
@@ -29,33 +50,130 @@ _DTYPES = {
     (8, True): np.int8,
     (8, False): np.uint8,
 }
+Algorithm = Literal["rtn", "gptq"]
+
+
+def grid_dtype(bits: int, symmetric: bool) -> type:
+    """The stored integer type: int4/int8 (symmetric) or uint4/uint8 (asymmetric, with zero point)."""
+    return _DTYPES[(bits, symmetric)]
+
+
+def block_grid(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Grid of blocks [G, B, N] (reduced over B): scale [G, N] float32, zero point [G, N] (integral) or None."""
+    low, high = _RANGES[(bits, symmetric)]
+    if symmetric:
+        # scale = absmax / 2^(b-1): all 2^b levels in use; a positive extreme clips to 2^(b-1)-1 (one step).
+        # Measured on SmolLM2 int4: 48+50/128 greedy tokens kept, against 43+48 with absmax / (2^(b-1)-1).
+        amax = np.abs(blocks).max(axis=1)
+        return np.where(amax > 0, amax / -low, 1.0).astype(np.float32), None
+    lo, hi = np.minimum(blocks.min(axis=1), 0.0), np.maximum(blocks.max(axis=1), 0.0)
+    scale = np.where(hi > lo, (hi - lo) / (high - low), 1.0).astype(np.float32)
+    return scale, np.clip(np.rint(low - lo / scale), low, high)
+
+
+def grid_codes(
+    values: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int, symmetric: bool
+) -> np.ndarray:
+    """Round-to-nearest codes of ``values`` on the grid (as floats, clipped to the type's range)."""
+    low, high = _RANGES[(bits, symmetric)]
+    codes = np.rint(values / scale)
+    return np.clip(codes if zero is None else codes + zero, low, high)
 
 
 def quantize_blocks(w: np.ndarray, bits: int, block: int, symmetric: bool):
     """Round-to-nearest of W [K, N] in blocks of ``block`` rows: (q [K, N], scale [K/B, N], zero_point or None)."""
     k, n = w.shape
     blocks = w.astype(np.float32).reshape(k // block, block, n)
-    low, high = _RANGES[(bits, symmetric)]
-    if symmetric:
-        # scale = absmax / 2^(b-1): all 2^b levels in use; a positive extreme clips to 2^(b-1)-1 (one step).
-        # Measured on SmolLM2 int4: 48+50/128 greedy tokens kept, against 43+48 with absmax / (2^(b-1)-1).
-        amax = np.abs(blocks).max(axis=1)
-        scale = np.where(amax > 0, amax / -low, 1.0).astype(np.float32)
-        q = np.clip(np.rint(blocks / scale[:, None, :]), low, high)
-        zero = None
-    else:
-        lo, hi = blocks.min(axis=1), blocks.max(axis=1)
-        lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
-        scale = np.where(hi > lo, (hi - lo) / (high - low), 1.0).astype(np.float32)
-        zero = np.clip(np.rint(low - lo / scale), low, high)
-        q = np.clip(np.rint(blocks / scale[:, None, :]) + zero[:, None, :], low, high)
-        zero = zero.astype(_DTYPES[(bits, symmetric)])
-    return q.reshape(k, n).astype(_DTYPES[(bits, symmetric)]), scale, zero
+    scale, zero = block_grid(blocks, bits, symmetric)
+    q = grid_codes(blocks, scale[:, None, :], None if zero is None else zero[:, None, :], bits, symmetric)
+    dtype = grid_dtype(bits, symmetric)
+    return q.reshape(k, n).astype(dtype), scale, None if zero is None else zero.astype(dtype)
+
+
+def dequantize_blocks(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, block: int) -> np.ndarray:
+    """What DequantizeLinear(q, scale, zero, axis=0, block_size=block) computes, in float64."""
+    codes = q.astype(np.float64) - (
+        0.0 if zero is None else np.repeat(zero.astype(np.float64), block, axis=0)
+    )
+    return codes * np.repeat(scale.astype(np.float64), block, axis=0)
+
+
+def output_error(w: np.ndarray, restored: np.ndarray, hessian: np.ndarray) -> float:
+    """‖X(W − Ŵ)‖ / ‖XW‖ over the calibration tokens, from H = XᵀX alone."""
+    delta = w.astype(np.float64) - restored
+    num = float(np.einsum("kn,kn->", delta, hessian @ delta))
+    den = float(np.einsum("kn,kn->", w, hessian @ w.astype(np.float64)))
+    return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+
+
+def _check_bits(value: int | None) -> int | None:
+    if value is not None and value not in (4, 8):
+        raise ValueError("bits must be 4 or 8")
+    return value
+
+
+def _check_block(value: int | None) -> int | None:
+    if value is not None and value & (value - 1):
+        raise ValueError("block_size must be a power of two")
+    return value
+
+
+class Override(PassOptions):
+    """Bits / block size / signedness / algorithm for the weights whose name (or role) matches ``pattern``."""
+
+    pattern: str = Field(description="weight-name glob; 'lm_head' and 'embedding' also name those roles")
+    bits: int | None = None
+    block_size: int | None = Field(default=None, ge=16, le=256)
+    symmetric: bool | None = None
+    algorithm: Algorithm | None = None
+
+    _bits = field_validator("bits")(_check_bits)
+    _block = field_validator("block_size")(_check_block)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one weight is quantized."""
+
+    bits: int
+    block: int
+    symmetric: bool
+    algorithm: str
+
+    def grid(self) -> tuple[int, int, bool]:
+        return self.bits, self.block, self.symmetric
+
+
+@dataclass(eq=False)  # identity: sites are dict keys
+class Site:
+    """A weight the pass may quantize: a MatMul weight [K, N] or an embedding table [vocab, hidden]."""
+
+    role: str  # "matmul", "lm_head" or "embedding"
+    node: Node  # the MatMul or the Gather
+    name: str  # for patterns and reports (a Transpose'd table reads as <table>.T)
+    source: str  # the initializer that holds the values
+    transpose: Node | None = None  # the lm_head reads Transpose(source)
+    scheme: Scheme | None = None
+    stats: dict[str, object] = field(default_factory=dict)
+
+    def weight(self, graph: Graph) -> np.ndarray:
+        array = graph.initializers[self.source]
+        return np.ascontiguousarray(array.T) if self.transpose is not None else array
+
+    def reduced(self, graph: Graph) -> int:
+        """Length of the axis the blocks run along (K of a MatMul, hidden of an embedding)."""
+        shape = graph.initializers[self.source].shape
+        return shape[0] if self.role != "embedding" and self.transpose is None else shape[1]
+
+    def matches(self, pattern: str) -> bool:
+        return fnmatch.fnmatch(self.name, pattern) or (
+            self.role != "matmul" and fnmatch.fnmatch(self.role, pattern)
+        )
 
 
 @register_pass("quantize-weights")
 class QuantizeWeights(Pass):
-    """Rewrites MatMul(x, W) with constant float W into MatMul(x, DequantizeLinear(int4/int8 blocks of W))."""
+    """Rewrites MatMul(x, W) (and optionally embedding tables) into int4/int8 blocks under DequantizeLinear."""
 
     class Options(PassOptions):
         bits: int = Field(default=4, description="4 or 8")
@@ -65,88 +183,336 @@ class QuantizeWeights(Pass):
         symmetric: bool = Field(
             default=True, description="signed values without zero point, else unsigned + zero point"
         )
+        algorithm: Algorithm = Field(
+            default="rtn", description="rtn (round to nearest) or gptq (needs a calibration: section)"
+        )
+        damp: float = Field(default=0.01, gt=0, le=1, description="gptq: added to diag H, times its mean")
+        act_order: bool = Field(
+            default=False, description="gptq: rows by decreasing H diagonal (static groups)"
+        )
+        lm_head: bool = Field(default=False, description="also quantize the output projection (logits)")
+        embedding: bool = Field(default=False, description="also quantize embedding tables (Gather)")
         include: list[str] = Field(default_factory=lambda: ["*"], description="weight-name globs to quantize")
         exclude: list[str] = Field(default_factory=list, description="weight-name globs to keep in float")
+        overrides: list[Override] = Field(
+            default_factory=list, description="[{pattern, bits, block_size, symmetric, algorithm}], last wins"
+        )
         min_size: int = Field(default=4096, ge=0, description="smaller weights stay in float")
 
-        @field_validator("bits")
-        @classmethod
-        def _bits(cls, value: int) -> int:
-            if value not in (4, 8):
-                raise ValueError("bits must be 4 or 8")
-            return value
-
-        @field_validator("block_size")
-        @classmethod
-        def _block(cls, value: int) -> int:
-            if value & (value - 1):
-                raise ValueError("block_size must be a power of two")
-            return value
+        _bits = field_validator("bits")(_check_bits)
+        _block = field_validator("block_size")(_check_block)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        o = self.options
         if graph.root().opset_imports.get("", 0) < 21:
             raise PassError(
                 self.name, "blocked DequantizeLinear needs opset 21: put upgrade-opset before this pass"
             )
-        sites = [n for n in graph.nodes() if self._eligible(graph, n)]
-        skipped: list[dict[str, str]] = []
-        matched_patterns: set[str] = set()
-        count, saved = 0, 0
-        for node in sites:
-            name = node.inputs[1]
-            if not any(fnmatch.fnmatch(name, p) for p in o.include):
-                continue
-            hits = [p for p in o.exclude if fnmatch.fnmatch(name, p)]
-            if hits:
-                matched_patterns.update(hits)
-                continue
-            w = graph.initializers[name]
-            if w.size < o.min_size:
-                continue
-            if w.shape[0] % o.block_size:
-                skipped.append(
-                    {"weight": name, "reason": f"K={w.shape[0]} is not a multiple of block {o.block_size}"}
-                )
-                continue
-            saved += self._quantize(graph, node, name, w)
-            count += 1
-        unused = [p for p in o.exclude if p not in matched_patterns]
-        for pattern in unused:
-            ctx.log.warning("quantize-weights: exclude pattern %r matches no weight", pattern)
+        sites = find_sites(graph)
         if not sites:
-            raise PassError(self.name, "the model has no MatMul with a constant float weight to quantize")
-        details = {"skipped": skipped, "unused_exclude": unused}
-        return PassResult(
-            changed=count > 0, stats={"quantized": count, "bytes_saved": saved}, details=details
-        )
+            raise PassError(
+                self.name,
+                "the model has no MatMul with a constant float weight to quantize (nor an embedding)",
+            )
+        skipped: list[dict[str, str]] = []
+        chosen = [s for s in sites if self._choose(graph, s, skipped, ctx)]
+        unused = self._unused_patterns(sites, chosen, ctx)
+        shared = tied_pairs(graph, chosen)
+        hessians, source = self._hessians(graph, chosen, shared, ctx)
+        saved = 0
+        for site in chosen:
+            if site.role == "lm_head" and site in shared:
+                continue  # rewritten with its embedding
+            saved += self._rewrite(graph, site, hessians)
+            head = next((h for h, e in shared.items() if e is site), None)
+            if head is not None:
+                saved += share_table(graph, head, site)
+        details: dict[str, object] = {"skipped": skipped, **unused}
+        details["weights"] = [{"weight": s.name, "role": s.role, **s.stats} for s in chosen]
+        twice = [s.name for s in chosen if s.role == "embedding" and graph.is_initializer(s.source)]
+        for name in twice:
+            ctx.log.warning(
+                "quantize-weights: embedding '%s' is quantized but the float table stays for the lm_head "
+                "that reads it (stored twice: quantize the lm_head with the same grid to share it)",
+                name,
+            )
+        if twice:
+            details["stored_twice"] = twice
+        if source:
+            details["calibration"] = source
+        stats: dict[str, int | float] = {"quantized": len(chosen), "bytes_saved": saved}
+        stats.update({k: 1 for k in ("lm_head", "embedding") if any(s.role == k for s in chosen)})
+        if shared:
+            stats["tied_shared"] = len(shared)
+        return PassResult(changed=bool(chosen), stats=stats, details=details)
 
-    @staticmethod
-    def _eligible(graph: Graph, node: Node) -> bool:
-        if node.op_type != "MatMul" or node.domain or not graph.is_initializer(node.input(1)):
-            return False
-        w = graph.initializers[node.inputs[1]]
-        return w.ndim == 2 and w.dtype.kind == "f"
-
-    def _quantize(self, graph: Graph, node: Node, name: str, w: np.ndarray) -> int:
+    def _choose(self, graph: Graph, site: Site, skipped: list[dict[str, str]], ctx: PassContext) -> bool:
+        """Whether ``site`` is quantized, with its scheme set (from the options and matching overrides)."""
         o = self.options
-        q, scale, zero = quantize_blocks(w, o.bits, o.block_size, o.symmetric)
-        qname = graph.add_initializer(f"{name}.q{o.bits}", q)
-        sname = graph.add_initializer(f"{name}.scale", scale.astype(w.dtype))
-        inputs = [qname, sname] + (
-            [graph.add_initializer(f"{name}.zero_point", zero)] if zero is not None else []
+        if (site.role == "lm_head" and not o.lm_head) or (site.role == "embedding" and not o.embedding):
+            return False
+        if not any(site.matches(p) for p in o.include) or any(site.matches(p) for p in o.exclude):
+            return False
+        if graph.initializers[site.source].size < o.min_size:
+            return False
+        scheme = {"bits": o.bits, "block": o.block_size, "symmetric": o.symmetric, "algorithm": o.algorithm}
+        for override in o.overrides:
+            if site.matches(override.pattern):
+                given = {
+                    "bits": override.bits,
+                    "block": override.block_size,
+                    "symmetric": override.symmetric,
+                    "algorithm": override.algorithm,
+                }
+                scheme.update({k: v for k, v in given.items() if v is not None})
+        site.scheme = Scheme(**scheme)
+        site.stats = {
+            "bits": site.scheme.bits,
+            "block_size": site.scheme.block,
+            "symmetric": site.scheme.symmetric,
+        }
+        k = site.reduced(graph)
+        if k % site.scheme.block:
+            reason = f"K={k} is not a multiple of block {site.scheme.block}"
+            skipped.append({"weight": site.name, "reason": reason})
+            ctx.log.warning("quantize-weights: '%s' stays float: %s", site.name, reason)
+            return False
+        return True
+
+    def _unused_patterns(
+        self, sites: list[Site], chosen: list[Site], ctx: PassContext
+    ) -> dict[str, list[str]]:
+        """Exclude patterns that match no weight and overrides that match no quantized weight, with warnings."""
+        o = self.options
+        considered = [s for s in sites if s.role == "matmul" or getattr(o, s.role)]
+        unused = {
+            "unused_exclude": [p for p in o.exclude if not any(s.matches(p) for s in considered)],
+            "unused_overrides": [
+                v.pattern for v in o.overrides if not any(s.matches(v.pattern) for s in chosen)
+            ],
+        }
+        for pattern in unused["unused_exclude"]:
+            ctx.log.warning("quantize-weights: exclude pattern %r matches no weight", pattern)
+        for pattern in unused["unused_overrides"]:
+            ctx.log.warning("quantize-weights: override pattern %r matches no quantized weight", pattern)
+        return unused
+
+    def _hessians(
+        self, graph: Graph, chosen: list[Site], shared: dict[Site, Site], ctx: PassContext
+    ) -> tuple[dict[str, np.ndarray], str]:
+        """XᵀX (float64) per MatMul input that a GPTQ weight reads, over the calibration set."""
+        from llmc.calibration import activations, require_calibration
+
+        wanted = [
+            s for s in chosen if s.scheme.algorithm == "gptq" and s.role != "embedding" and s not in shared
+        ]
+        if not any(s.scheme.algorithm == "gptq" for s in chosen):
+            return {}, ""
+        cal = require_calibration(ctx, self.name)
+        if not wanted:
+            return {}, cal.source
+        names = sorted({hessian_input(graph, s.node.inputs[0]) for s in wanted})
+        sums: dict[str, np.ndarray] = {}
+        for values in activations(graph, names, cal.feeds):
+            for name, x in values.items():
+                x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+                sums[name] = sums.get(name, 0.0) + x.T @ x
+        return sums, cal.source
+
+    def _rewrite(self, graph: Graph, site: Site, hessians: dict[str, np.ndarray]) -> int:
+        """Quantize one site in place; returns the bytes saved."""
+        scheme = site.scheme
+        w = site.weight(graph)
+        if site.role == "embedding":  # blocks along hidden: quantize the transpose along its K
+            q, scale, zero = (
+                None if a is None else np.ascontiguousarray(a.T) for a in quantize_blocks(w.T, *scheme.grid())
+            )
+            out, added = add_dequantize(
+                graph, site.source, scheme, q, scale, zero, axis=1, like=w, order=site.node.order - 0.5
+            )
+            site.stats["algorithm"] = "rtn"
+            graph.set_input(site.node, 0, out)
+            return drop_if_unused(graph, site.source) - added
+        hessian = hessians.get(hessian_input(graph, site.node.inputs[0]))
+        if scheme.algorithm == "gptq" and hessian is not None:
+            q, scale, zero = self._gptq(site, w, hessian)
+        else:
+            q, scale, zero = quantize_blocks(w, *scheme.grid())
+            site.stats["algorithm"] = "rtn"
+        out, added = add_dequantize(
+            graph, site.name, scheme, q, scale, zero, axis=0, like=w, order=site.node.order - 0.5
         )
-        deq = graph.add_node(
-            "DequantizeLinear",
-            inputs,
-            [graph.unique_name(f"{name}.dequantized")],
-            name=graph.unique_node_name(f"{node.name or name}/dequantize"),
-            attributes={"axis": 0, "block_size": o.block_size},
-            order=node.order - 0.5,
-            metadata={RULE_KEY: "quantize-weights"},
+        graph.set_input(site.node, 1, out)
+        return release(graph, site) - added
+
+    def _gptq(self, site: Site, w: np.ndarray, hessian: np.ndarray):
+        from .gptq import gptq_quantize
+
+        s, o = site.scheme, self.options
+        try:
+            q, scale, zero = gptq_quantize(
+                w, hessian, s.bits, s.block, s.symmetric, o.damp, act_order=o.act_order
+            )
+        except np.linalg.LinAlgError:
+            raise PassError(
+                self.name,
+                f"GPTQ of '{site.name}': its Hessian is not positive definite after dampening {o.damp}",
+                hint="raise damp (e.g. 0.1) or give more calibration tokens",
+            ) from None
+        rtn = dequantize_blocks(*quantize_blocks(w, *s.grid()), s.block)
+        site.stats.update(
+            algorithm="gptq",
+            rtn_error=round(output_error(w, rtn, hessian), 6),
+            gptq_error=round(output_error(w, dequantize_blocks(q, scale, zero, s.block), hessian), 6),
         )
-        graph.set_value_info(deq.outputs[0], graph.dtype(name) or 1, w.shape)
-        graph.set_input(node, 1, deq.outputs[0])
-        if not graph.is_used(name):
-            graph.remove_initializer(name)
-        return int(w.nbytes - (q.size * o.bits) // 8 - scale.nbytes)
+        return q, scale, zero
+
+
+def find_sites(graph: Graph) -> list[Site]:
+    """MatMuls with a constant 2-D float weight, embedding Gathers, and the lm_head (in either tied form)."""
+    tables = {n.inputs[0]: n for n in graph.nodes() if _is_embedding(graph, n)}
+    sites: list[Site] = []
+    for node in graph.nodes():
+        if node.op_type != "MatMul" or node.domain:
+            continue
+        weight = node.input(1)
+        logits = node.outputs[0] == "logits" and "logits" in graph.outputs
+        if _float_matrix(graph, weight):
+            head = logits or _equals_transposed_table(graph, weight, tables)
+            sites.append(Site("lm_head" if head else "matmul", node, weight, weight))
+            continue
+        producer = graph.producer(weight)
+        if producer is None or producer.op_type != "Transpose" or producer.domain:
+            continue
+        source, perm = producer.inputs[0], producer.attr("perm")
+        if (
+            _float_matrix(graph, source)
+            and (perm is None or list(perm) == [1, 0])
+            and (logits or source in tables)
+        ):
+            sites.append(Site("lm_head", node, f"{source}.T", source, transpose=producer))
+    sites += [Site("embedding", gather, table, table) for table, gather in tables.items()]
+    return sites
+
+
+def tied_pairs(graph: Graph, chosen: list[Site]) -> dict[Site, Site]:
+    """lm_head site -> embedding site, for tied pairs quantized on one grid (stored once, shared)."""
+    tables = {s.source: s for s in chosen if s.role == "embedding"}
+    pairs: dict[Site, Site] = {}
+    for head in (s for s in chosen if s.role == "lm_head"):
+        if head.transpose is not None:
+            embedding = tables.get(head.source)
+        else:
+            embedding = next(
+                (e for t, e in tables.items() if _equals_transposed_table(graph, head.source, [t])), None
+            )
+        if embedding is not None and embedding.scheme.grid() == head.scheme.grid():
+            pairs[head] = embedding
+    return pairs
+
+
+def share_table(graph: Graph, head: Site, embedding: Site) -> int:
+    """Point the lm_head at Transpose(the embedding's DequantizeLinear); returns the bytes freed."""
+    dequantized = embedding.node.inputs[0]
+    out = graph.unique_name(f"{embedding.source}.dequantized.T")
+    graph.add_node(
+        "Transpose",
+        [dequantized],
+        [out],
+        name=graph.unique_node_name(f"{head.node.name or head.name}/tied_transpose"),
+        attributes={"perm": [1, 0]},
+        order=head.node.order - 0.5,
+        metadata={RULE_KEY: "quantize-weights"},
+    )
+    info = graph.value_info(dequantized)
+    graph.set_value_info(out, info.dtype, tuple(reversed(info.shape)))
+    graph.set_input(head.node, 1, out)
+    head.stats.update(algorithm="rtn", tied_to=embedding.name)
+    return release(graph, head)
+
+
+def add_dequantize(
+    graph: Graph,
+    name: str,
+    scheme: Scheme,
+    q: np.ndarray,
+    scale: np.ndarray,
+    zero: np.ndarray | None,
+    *,
+    axis: int,
+    like: np.ndarray,
+    order: float,
+) -> tuple[str, int]:
+    """Initializers Q / scale [/ zero point] and their blocked DequantizeLinear: (its output, bytes stored)."""
+    bits = scheme.bits
+    inputs = [
+        graph.add_initializer(f"{name}.q{bits}", q),
+        graph.add_initializer(f"{name}.scale", scale.astype(like.dtype)),
+    ]
+    if zero is not None:
+        inputs.append(graph.add_initializer(f"{name}.zero_point", zero))
+    deq = graph.add_node(
+        "DequantizeLinear",
+        inputs,
+        [graph.unique_name(f"{name}.dequantized")],
+        name=graph.unique_node_name(f"{name}/dequantize"),
+        attributes={"axis": axis, "block_size": scheme.block},
+        order=order,
+        metadata={RULE_KEY: "quantize-weights"},
+    )
+    graph.set_value_info(deq.outputs[0], np_dtype_to_onnx(like.dtype), like.shape)
+    stored = (q.size + (0 if zero is None else zero.size)) * bits // 8 + scale.size * like.dtype.itemsize
+    return deq.outputs[0], stored
+
+
+def release(graph: Graph, site: Site) -> int:
+    """Drop what the rewritten MatMul no longer reads (its Transpose, the float weight); the bytes freed."""
+    if site.transpose is not None:
+        if site.transpose in graph and not graph.is_used(site.transpose.outputs[0]):
+            graph.remove_node(site.transpose)
+    return drop_if_unused(graph, site.source)
+
+
+def drop_if_unused(graph: Graph, name: str) -> int:
+    """Remove initializer ``name`` when nothing reads it any more; the bytes freed."""
+    if not graph.is_initializer(name) or graph.is_used(name) or name in graph.inputs:
+        return 0
+    freed = int(graph.initializers[name].nbytes)
+    graph.remove_initializer(name)
+    return freed
+
+
+def hessian_input(graph: Graph, value: str) -> str:
+    """The value whose rows feed a MatMul input: through a Slice of rows (logits-last-token) to all rows."""
+    node = graph.producer(value)
+    if node is None or node.op_type != "Slice" or node.domain or len(node.inputs) < 4:
+        return value
+    shape, axes = graph.shape(node.inputs[0]) or graph.shape(value), graph.constant(node.input(3))
+    if not shape or axes is None or any(int(a) % len(shape) == len(shape) - 1 for a in np.ravel(axes)):
+        return value  # unknown rank, or the Slice cuts features rather than rows
+    return hessian_input(graph, node.inputs[0])
+
+
+def _is_embedding(graph: Graph, node: Node) -> bool:
+    return (
+        node.op_type == "Gather"
+        and not node.domain
+        and node.attr("axis", 0) == 0
+        and _float_matrix(graph, node.inputs[0])
+    )
+
+
+def _float_matrix(graph: Graph, name: str) -> bool:
+    if not name or not graph.is_initializer(name):
+        return False
+    array = graph.initializers[name]
+    return array.ndim == 2 and array.dtype.kind == "f"
+
+
+def _equals_transposed_table(graph: Graph, weight: str, tables: Iterable[str]) -> bool:
+    """Whether constant ``weight`` [K, N] holds exactly one of the tables [N, K] transposed."""
+    w = graph.initializers[weight]
+    for table in tables:
+        e = graph.initializers[table]
+        if e.shape == w.shape[::-1] and e.dtype == w.dtype and np.array_equal(w, e.T):
+            return True
+    return False
