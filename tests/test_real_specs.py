@@ -164,3 +164,30 @@ def test_cuda_specs_compile_to_fp16_contrib_graphs(name: str, ops: dict, tmp_pat
         assert counts.get(op) == count, op
     fp16 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
     assert len(fp16) > 10
+
+
+def _token_share(target) -> float:
+    return sum(t.matched for t in target.golden.tokens) / sum(t.total for t in target.golden.tokens)
+
+
+def test_smollm2_int8_stores_the_tied_table_once(tmp_path_factory) -> None:
+    import onnx
+
+    result = _compile("smollm2-int8-cpu", tmp_path_factory)
+    target = result.targets[0]
+    assert target.golden.passed and _token_share(target) >= 0.9
+    model = onnx.load(target.artifact / "model.onnx", load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMulNBits") == 121 and ops.count("GatherBlockQuantized") == 1  # 120 + the lm_head
+    assert not any(n.op_type == "MatMul" and "lm_head" in "".join(n.input) for n in model.graph.node)
+    assert sum(target.manifest["files"].values()) < 0.3 * 538e6  # one int8 copy of every weight
+
+
+def test_smollm2_pruned_int4_really_shrinks_the_matrices(tmp_path_factory) -> None:
+    result = _compile("smollm2-pruned-int4-cpu", tmp_path_factory)
+    target = result.targets[0]
+    assert target.golden.passed
+    stats = {r.name: r.stats for r in result.pipeline.records}
+    assert stats["prune-structured"]["channels_removed"] == 30 * 384  # 25 % of 1536 per layer
+    assert stats["prune-structured"]["heads_removed"] == 27  # 10 % of 270 query heads
+    assert stats["prune-structured"]["bytes_saved"] > 50e6
