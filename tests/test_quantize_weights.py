@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -376,3 +377,115 @@ def test_cli_gptq_needs_a_calibration_section(tmp_path: Path, capsys: pytest.Cap
     spec = _project(tmp_path, "{algorithm: gptq}", f"calibration: {{inputs: cal.npz}}\n{tolerances}")
     result = run_cli(capsys, "compile", spec, "--force")
     assert result.code == 0, result.err
+
+
+# -- min/max grid with a float offset (Q4_1 style) -------------------------------------------------
+
+
+def _on_offset_grid(k: int = 64, n: int = 96, bits: int = 4, block: int = 32) -> np.ndarray:
+    """A weight that lies exactly on w = m + d·q per block (as a Q4_1 GGUF's), m not a multiple of d."""
+    rng = np.random.default_rng(3)
+    top = (1 << bits) - 1
+    q = rng.integers(0, top + 1, (k // block, block, n))
+    q[:, 0, :], q[:, 1, :] = 0, top  # every block spans the whole grid
+    d = rng.uniform(0.01, 0.05, (k // block, 1, n)).astype(np.float32)
+    m = (-7.3 * d * rng.uniform(0.5, 1.5, d.shape)).astype(np.float32)
+    return (m + d * q.astype(np.float32)).reshape(k, n).astype(np.float32)
+
+
+def _with_weights(weights: dict[str, np.ndarray], k: int = 64, n: int = 96) -> Graph:
+    """x [batch, 3, K] read by one MatMul per weight (outputs y0, y1, ...), like merged q/k/v sharing x."""
+    nodes = [
+        helper.make_node("MatMul", ["x", name], [f"y{i}"], name=f"proj{i}") for i, name in enumerate(weights)
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "q",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, k])],
+        [
+            helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["batch", 3, n])
+            for i in range(len(weights))
+        ],
+        [numpy_helper.from_array(w, name) for name, w in weights.items()],
+    )
+    return from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+
+
+def _run_all(graph: Graph, x: np.ndarray) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(
+        to_onnx(graph).SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, {"x": x})
+
+
+def test_offset_form_reproduces_a_q4_1_grid_and_legalizes_to_matmul_nbits() -> None:
+    w = _on_offset_grid()
+    graph = _with_weights({"a.weight": w, "b.weight": w[:, ::-1].copy()})
+    x = np.random.default_rng(4).standard_normal((2, 3, 64)).astype(np.float32)
+    reference = _run_all(graph, x)
+    report = run_pipeline(graph, [{"quantize-weights": {"offset": True}}, "eliminate-dead-code"])
+    record = report.records[0]
+    assert record.stats["quantized"] == 2 and record.stats["offset"] == 2
+    assert record.stats["block_sums"] == 1 and len(graph.find("ReduceSum")) == 1  # one per input x
+    assert all(s["offset"] and s["max_abs_error"] < 1e-6 for s in record.details["weights"])
+    for deq in graph.find("DequantizeLinear"):
+        assert graph.constant(deq.inputs[0]).dtype == ml_dtypes.uint4
+        assert not graph.constant(deq.input(2)).astype(np.int8).any()  # explicit zero points 0
+    standard = _run_all(graph, x)
+    for got, want in zip(standard, reference, strict=True):
+        assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()  # exact up to fp32 rounding
+        np.testing.assert_allclose(got, want, atol=2e-5)
+    integer = _with_weights({"a.weight": w})  # the integer zero point cannot hold m: far off
+    run_pipeline(integer, [{"quantize-weights": {"symmetric": False}}])
+    assert (
+        np.abs(_run_all(integer, x)[0] - reference[0]).max() > 20 * np.abs(standard[0] - reference[0]).max()
+    )
+    for level, tolerance in ((0, 1e-5), (4, 3e-2)):
+        legal = clone(graph)
+        run_pipeline(legal, [{"cpu-matmul-nbits": {"accuracy_level": level}}, "eliminate-dead-code"])
+        assert len(legal.find("MatMulNBits", domain="com.microsoft")) == 2
+        assert not legal.find("DequantizeLinear")
+        for got, want in zip(_run_all(legal, x), standard, strict=True):
+            assert np.abs(got - want).max() <= tolerance * np.abs(want).max()
+
+
+def test_offset_on_the_logits_output_and_the_untied_lm_head() -> None:
+    graph = _decoder()
+    ids = np.array([[3, 17, 42]], np.int64)
+    reference = _logits(graph, ids)
+    report = run_pipeline(
+        graph, [{"quantize-weights": {"offset": True, "lm_head": True, "min_size": 0}}, "eliminate-dead-code"]
+    )
+    weights = {s["role"]: s for s in report.records[0].details["weights"]}
+    assert weights["lm_head"]["offset"] and list(graph.outputs) == ["logits"]
+    assert graph.find("ReduceSum")
+    error = np.abs(_logits(graph, ids) - reference).max() / np.abs(reference).max()
+    assert error < 0.15  # RTN int4 on Gaussian weights, min/max grid
+
+
+def test_offset_leaves_the_embedding_and_the_tied_table_on_integer_zero_points() -> None:
+    graph = _decoder()
+    options = {"offset": True, "lm_head": True, "embedding": True, "min_size": 0}
+    report = run_pipeline(graph, [{"quantize-weights": options}, "eliminate-dead-code"])
+    record = report.records[0]
+    roles = {s["role"]: s for s in record.details["weights"]}
+    assert "offset" not in roles["embedding"] and "offset" not in roles["lm_head"]
+    assert roles["lm_head"]["tied_to"] == roles["embedding"]["weight"] and record.stats["tied_shared"] == 1
+
+
+def test_offset_options_errors_and_unknown_rank(caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(PassOptionsError, match="round-to-nearest only"):
+        make_pass("quantize-weights", {"offset": True, "algorithm": "gptq"})
+    overrides = [{"pattern": "layer.*", "algorithm": "gptq"}]
+    with pytest.raises(PassError, match="offset: true is round-to-nearest only"):
+        run_pipeline(_graph(), [{"quantize-weights": {"offset": True, "overrides": overrides}}])
+    model = to_onnx(_graph())
+    model.graph.input[0].type.tensor_type.ClearField("shape")
+    graph = from_onnx(model)
+    report = run_pipeline(graph, [{"quantize-weights": {"offset": True}}])
+    assert report.records[0].stats["quantized"] == 0 and not graph.find("DequantizeLinear")
+    assert "rank of its input is unknown" in report.records[0].details["skipped"][0]["reason"]
+    assert "rank of its input is unknown" in caplog.text

@@ -7,6 +7,15 @@ blocked DequantizeLinear) and runs as it is; the CPU target legalizes the pair i
 ``MatMulNBits``. Layers are chosen by name globs (``include``/``exclude`` on the weight name), and
 ``overrides`` give matching weights their own bits / block size / algorithm.
 
+With ``offset: true`` (the Q4_1 / min-max form: ``w = m + d·q``, d = (max − min)/(2^bits − 1), m = the
+block's min, q unsigned) the zero point is a float per block, which DequantizeLinear's integer zero point
+cannot hold when m is not a multiple of d. It is written as the sum of two MatMuls, both standard ONNX:
+``MatMul(x, DequantizeLinear(Q, d, zero_point=0, axis=0)) + MatMul(ReduceSum(Reshape(x, [..., K/B, B]),
+axes=[-1]), m [K/B, N])``, since x·W = x·(d⊙q) + Σ_blocks (Σ_{k∈block} x_k)·m_block. The first MatMul keeps
+the CPU target's int8-compute MatMulNBits (zero points 0); the second is small (K/B × N). The block sums are
+computed once per input (merged q/k/v and gate/up share theirs). Exact for weights that already lie on such
+a grid (a Q4_1 GGUF). RTN only; the embedding and a tied shared lm_head keep the integer zero point form.
+
 Two algorithms choose Q and the scales; the IR is the same for both:
 - ``rtn``: round to nearest, scale from the block's absmax (symmetric) or min/max (asymmetric);
 - ``gptq``: GPTQ (``gptq.py``) on the Hessian XᵀX of each MatMul's input over the spec's calibration set.
@@ -36,7 +45,7 @@ from typing import Literal
 
 import ml_dtypes
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from llmc.errors import PassError
 from llmc.ir import Graph, Node, np_dtype_to_onnx
@@ -69,6 +78,17 @@ def block_grid(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarr
     lo, hi = np.minimum(blocks.min(axis=1), 0.0), np.maximum(blocks.max(axis=1), 0.0)
     scale = np.where(hi > lo, (hi - lo) / (high - low), 1.0).astype(np.float32)
     return scale, np.clip(np.rint(low - lo / scale), low, high)
+
+
+def offset_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Min/max grid of W [K, N] with a float offset: (q [K, N] unsigned, d [K/B, N], m [K/B, N]), w ≈ m + d·q."""
+    k, n = w.shape
+    blocks = w.astype(np.float32).reshape(k // block, block, n)
+    lo, hi = blocks.min(axis=1), blocks.max(axis=1)
+    top = (1 << bits) - 1
+    d = np.where(hi > lo, (hi - lo) / top, 1.0).astype(np.float32)
+    q = np.clip(np.rint((blocks - lo[:, None, :]) / d[:, None, :]), 0, top)
+    return q.reshape(k, n).astype(grid_dtype(bits, False)), d, lo.astype(np.float32)
 
 
 def grid_codes(
@@ -125,6 +145,7 @@ class Override(PassOptions):
     bits: int | None = None
     block_size: int | None = Field(default=None, ge=16, le=256)
     symmetric: bool | None = None
+    offset: bool | None = None
     algorithm: Algorithm | None = None
 
     _bits = field_validator("bits")(_check_bits)
@@ -139,6 +160,7 @@ class Scheme:
     block: int
     symmetric: bool
     algorithm: str
+    offset: bool = False  # min/max grid with a float offset per block (symmetric is then unused)
 
     def grid(self) -> tuple[int, int, bool]:
         return self.bits, self.block, self.symmetric
@@ -183,6 +205,10 @@ class QuantizeWeights(Pass):
         symmetric: bool = Field(
             default=True, description="signed values without zero point, else unsigned + zero point"
         )
+        offset: bool = Field(
+            default=False,
+            description="min/max grid with a float offset per block (Q4_1 style, rtn; symmetric unused)",
+        )
         algorithm: Algorithm = Field(
             default="rtn", description="rtn (round to nearest) or gptq (needs a calibration: section)"
         )
@@ -202,6 +228,12 @@ class QuantizeWeights(Pass):
         _bits = field_validator("bits")(_check_bits)
         _block = field_validator("block_size")(_check_block)
 
+        @model_validator(mode="after")
+        def _offset_is_rtn(self) -> QuantizeWeights.Options:
+            if self.offset and self.algorithm == "gptq":
+                raise ValueError("offset: true is round-to-nearest only: use algorithm: rtn")
+            return self
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if graph.root().opset_imports.get("", 0) < 21:
             raise PassError(
@@ -219,15 +251,20 @@ class QuantizeWeights(Pass):
         shared = tied_pairs(graph, chosen)
         hessians, source = self._hessians(graph, chosen, shared, ctx)
         saved = 0
+        block_sums: dict[tuple[str, int], str] = {}
+        shapes = InputShapes(graph)
         for site in chosen:
             if site.role == "lm_head" and site in shared:
                 continue  # rewritten with its embedding
-            saved += self._rewrite(graph, site, hessians)
+            if site.scheme.offset and not self._offset_fits(site, shapes, skipped, ctx):
+                continue
+            saved += self._rewrite(graph, site, hessians, block_sums, shapes)
             head = next((h for h, e in shared.items() if e is site), None)
             if head is not None:
                 saved += share_table(graph, head, site)
         details: dict[str, object] = {"skipped": skipped, **unused}
-        details["weights"] = [{"weight": s.name, "role": s.role, **s.stats} for s in chosen]
+        done = [s for s in chosen if "algorithm" in s.stats]
+        details["weights"] = [{"weight": s.name, "role": s.role, **s.stats} for s in done]
         twice = [s.name for s in chosen if s.role == "embedding" and graph.is_initializer(s.source)]
         for name in twice:
             ctx.log.warning(
@@ -239,11 +276,14 @@ class QuantizeWeights(Pass):
             details["stored_twice"] = twice
         if source:
             details["calibration"] = source
-        stats: dict[str, int | float] = {"quantized": len(chosen), "bytes_saved": saved}
-        stats.update({k: 1 for k in ("lm_head", "embedding") if any(s.role == k for s in chosen)})
+        stats: dict[str, int | float] = {"quantized": len(done), "bytes_saved": saved}
+        stats.update({k: 1 for k in ("lm_head", "embedding") if any(s.role == k for s in done)})
+        if block_sums:
+            stats["offset"] = sum(1 for s in done if s.stats.get("offset"))
+            stats["block_sums"] = len(block_sums)
         if shared:
             stats["tied_shared"] = len(shared)
-        return PassResult(changed=bool(chosen), stats=stats, details=details)
+        return PassResult(changed=bool(done), stats=stats, details=details)
 
     def _choose(self, graph: Graph, site: Site, skipped: list[dict[str, str]], ctx: PassContext) -> bool:
         """Whether ``site`` is quantized, with its scheme set (from the options and matching overrides)."""
@@ -254,7 +294,13 @@ class QuantizeWeights(Pass):
             return False
         if graph.initializers[site.source].size < o.min_size:
             return False
-        scheme = {"bits": o.bits, "block": o.block_size, "symmetric": o.symmetric, "algorithm": o.algorithm}
+        scheme = {
+            "bits": o.bits,
+            "block": o.block_size,
+            "symmetric": o.symmetric,
+            "algorithm": o.algorithm,
+            "offset": o.offset,
+        }
         for override in o.overrides:
             if site.matches(override.pattern):
                 given = {
@@ -262,14 +308,25 @@ class QuantizeWeights(Pass):
                     "block": override.block_size,
                     "symmetric": override.symmetric,
                     "algorithm": override.algorithm,
+                    "offset": override.offset,
                 }
                 scheme.update({k: v for k, v in given.items() if v is not None})
+        if scheme["offset"] and scheme["algorithm"] == "gptq":
+            raise PassError(
+                self.name,
+                f"'{site.name}': offset: true is round-to-nearest only, but its algorithm is gptq",
+                hint="set algorithm: rtn (or offset: false) for it, e.g. in an override",
+            )
+        if site.role == "embedding":
+            scheme["offset"] = False  # a Gather has no second MatMul to add the offset: integer zero points
         site.scheme = Scheme(**scheme)
         site.stats = {
             "bits": site.scheme.bits,
             "block_size": site.scheme.block,
             "symmetric": site.scheme.symmetric,
         }
+        if site.scheme.offset:
+            site.stats = {"bits": site.scheme.bits, "block_size": site.scheme.block, "offset": True}
         k = site.reduced(graph)
         if k % site.scheme.block:
             reason = f"K={k} is not a multiple of block {site.scheme.block}"
@@ -318,10 +375,31 @@ class QuantizeWeights(Pass):
                 sums[name] = sums.get(name, 0.0) + x.T @ x
         return sums, cal.source
 
-    def _rewrite(self, graph: Graph, site: Site, hessians: dict[str, np.ndarray]) -> int:
+    def _offset_fits(
+        self, site: Site, shapes: InputShapes, skipped: list[dict[str, str]], ctx: PassContext
+    ) -> bool:
+        """Whether the offset form can reshape this MatMul's input (its rank must be known, at least 2)."""
+        shape = shapes.get(site.node.inputs[0])
+        if shape is not None and len(shape) >= 2:
+            return True
+        reason = "offset: the rank of its input is unknown (or below 2), so its blocks cannot be summed"
+        skipped.append({"weight": site.name, "reason": reason})
+        ctx.log.warning("quantize-weights: '%s' stays float: %s", site.name, reason)
+        return False
+
+    def _rewrite(
+        self,
+        graph: Graph,
+        site: Site,
+        hessians: dict[str, np.ndarray],
+        block_sums: dict[tuple[str, int], str],
+        shapes: InputShapes,
+    ) -> int:
         """Quantize one site in place; returns the bytes saved."""
         scheme = site.scheme
         w = site.weight(graph)
+        if scheme.offset:
+            return self._rewrite_offset(graph, site, w, block_sums, shapes)
         if site.role == "embedding":  # blocks along hidden: quantize the transpose along its K
             q, scale, zero = (
                 None if a is None else np.ascontiguousarray(a.T) for a in quantize_blocks(w.T, *scheme.grid())
@@ -342,6 +420,33 @@ class QuantizeWeights(Pass):
             graph, site.name, scheme, q, scale, zero, axis=0, like=w, order=site.node.order - 0.5
         )
         graph.set_input(site.node, 1, out)
+        return release(graph, site) - added
+
+    def _rewrite_offset(
+        self,
+        graph: Graph,
+        site: Site,
+        w: np.ndarray,
+        block_sums: dict[tuple[str, int], str],
+        shapes: InputShapes,
+    ) -> int:
+        """MatMul(x, DQ(Q, d, 0)) + MatMul(block sums of x, m): the min/max grid with a float offset."""
+        scheme = site.scheme
+        q, d, m = offset_blocks(w, scheme.bits, scheme.block)
+        zero = np.zeros(d.shape, grid_dtype(scheme.bits, False))
+        order = site.node.order
+        out, added = add_dequantize(graph, site.name, scheme, q, d, zero, axis=0, like=w, order=order - 0.5)
+        graph.set_input(site.node, 1, out)
+        x = site.node.inputs[0]
+        sums = block_sums.get((x, scheme.block))
+        if sums is None:
+            sums = add_block_sums(graph, x, shapes.get(x), scheme.block, order - 0.4)
+            block_sums[(x, scheme.block)] = sums
+        offset = graph.add_initializer(f"{site.name}.offset", m.astype(w.dtype))
+        added += int(m.size * w.dtype.itemsize)
+        add_offset_term(graph, site.node, sums, offset, f"{site.name}/offset")
+        error = np.abs(dequantize_blocks(q, d, None, scheme.block) + np.repeat(m, scheme.block, 0) - w)
+        site.stats.update(algorithm="rtn", max_abs_error=float(error.max()))
         return release(graph, site) - added
 
     def _gptq(self, site: Site, w: np.ndarray, hessian: np.ndarray):
@@ -426,7 +531,8 @@ def share_table(graph: Graph, head: Site, embedding: Site) -> int:
     info = graph.value_info(dequantized)
     graph.set_value_info(out, info.dtype, tuple(reversed(info.shape)))
     graph.set_input(head.node, 1, out)
-    head.stats.update(algorithm="rtn", tied_to=embedding.name)
+    head.stats.pop("offset", None)  # the shared table keeps the embedding's integer zero point grid
+    head.stats.update(symmetric=head.scheme.symmetric, algorithm="rtn", tied_to=embedding.name)
     return release(graph, head)
 
 
@@ -462,6 +568,99 @@ def add_dequantize(
     graph.set_value_info(deq.outputs[0], np_dtype_to_onnx(like.dtype), like.shape)
     stored = (q.size + (0 if zero is None else zero.size)) * bits // 8 + scale.size * like.dtype.itemsize
     return deq.outputs[0], stored
+
+
+class InputShapes:
+    """Shapes of MatMul inputs: the IR's, else ONNX shape inference's (run once, only when needed)."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self._inferred: dict[str, tuple] | None = None
+
+    def get(self, value: str) -> tuple | None:
+        shape = self.graph.shape(value)
+        if shape is not None:
+            return shape
+        if self._inferred is None:
+            self._inferred = _inferred_shapes(self.graph)
+        return self._inferred.get(value)
+
+
+def _inferred_shapes(graph: Graph) -> dict[str, tuple]:
+    """ONNX shape inference on a copy whose large weights are references (small shape constants stay)."""
+    import onnx
+
+    from llmc.ir import to_onnx
+
+    skeleton = to_onnx(graph, weights="external", elide_above=4096)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)
+    except Exception:  # inference only helps: a site with an unknown rank is skipped with its reason
+        return {}
+    shapes = {}
+    for vi in inferred.graph.value_info:
+        tensor = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tensor.HasField("shape"):
+            shapes[vi.name] = tuple(d.dim_value or d.dim_param or None for d in tensor.shape.dim)
+    return shapes
+
+
+def add_block_sums(graph: Graph, x: str, shape: tuple, block: int, order: float) -> str:
+    """ReduceSum(Reshape(x [..., K], [..., K/B, B]), axes=[-1]): the sum of x over each block of K."""
+    k = shape[-1]
+    meta = {RULE_KEY: "quantize-weights"}
+    target = np.array([0] * (len(shape) - 1) + [k // block, block], np.int64)
+    grouped = graph.add_node(
+        "Reshape",
+        [x, graph.add_initializer(f"{x}.block_shape", target)],
+        [graph.unique_name(f"{x}.blocks")],
+        name=graph.unique_node_name(f"{x}/blocks"),
+        order=order,
+        metadata=meta,
+    )
+    axes = graph.add_initializer(f"{x}.block_axis", np.array([-1], np.int64))
+    sums = graph.add_node(
+        "ReduceSum",
+        [grouped.outputs[0], axes],
+        [graph.unique_name(f"{x}.block_sums")],
+        name=graph.unique_node_name(f"{x}/block_sums"),
+        attributes={"keepdims": 0},
+        order=order,
+        metadata=meta,
+    )
+    dtype = graph.dtype(x)
+    graph.set_value_info(grouped.outputs[0], dtype, (*shape[:-1], k // block, block))
+    graph.set_value_info(sums.outputs[0], dtype, (*shape[:-1], k // block))
+    return sums.outputs[0]
+
+
+def add_offset_term(graph: Graph, node: Node, sums: str, offset: str, name: str) -> None:
+    """Every reader of ``node``'s output y reads y + MatMul(sums, offset) (a graph output keeps its name)."""
+    y = node.outputs[0]
+    meta = {RULE_KEY: "quantize-weights"}
+    total = graph.unique_name(f"{y}.with_offset")
+    graph.replace_all_uses(y, total)  # readers (and a graph output) move to the sum, defined below
+    y = node.outputs[0]  # renamed when it was a graph output
+    term = graph.add_node(
+        "MatMul",
+        [sums, offset],
+        [graph.unique_name(f"{y}.offset")],
+        name=graph.unique_node_name(f"{name}_matmul"),
+        order=node.order + 0.25,
+        metadata=meta,
+    )
+    graph.add_node(
+        "Add",
+        [y, term.outputs[0]],
+        [total],
+        name=graph.unique_node_name(name),
+        order=node.order + 0.5,
+        metadata=meta,
+    )
+    info = graph.value_info(y)
+    if info is not None:
+        graph.set_value_info(term.outputs[0], info.dtype, info.shape)
+        graph.set_value_info(total, info.dtype, info.shape)
 
 
 def release(graph: Graph, site: Site) -> int:
