@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -107,3 +107,33 @@ def input_statistics(
             stat = np.einsum("ij,ij->j", flat, flat) if diagonal else flat.T @ flat
             sums[x] = sums[x] + stat if x in sums else stat
     return {w: sum(sums[x] for x in xs) for w, xs in inputs.items()}
+
+
+def choose_sites(
+    graph: Graph,
+    select: WeightSelection,
+    reason: Callable[[Graph, str, list[Node]], str | None],
+    pass_name: str,
+    verb: str,
+) -> tuple[dict[str, list[Node]], list[dict[str, str]]]:
+    """The selected weight MatMuls a pass can rewrite, and the skipped ones with their reason.
+
+    ``reason(graph, weight, nodes)`` says why a selected weight cannot be rewritten (None: it can); a graph
+    with no weight MatMul at all is a PassError ("the model has no MatMul ... to <verb>").
+    """
+    from llmc.errors import PassError
+
+    all_sites = matmul_weights(graph)
+    if not all_sites:
+        raise PassError(pass_name, f"the model has no MatMul with a constant float weight to {verb}")
+    chosen: dict[str, list[Node]] = {}
+    skipped: list[dict[str, str]] = []
+    for weight, nodes in all_sites.items():
+        if not select(weight):
+            continue
+        why = reason(graph, weight, nodes)
+        if why:
+            skipped.append({"weight": weight, "reason": why})
+        else:
+            chosen[weight] = nodes
+    return chosen, skipped

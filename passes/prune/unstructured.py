@@ -39,10 +39,9 @@ from onnx import TensorProto
 from pydantic import Field, field_validator, model_validator
 
 from llmc.calibration import require_calibration
-from llmc.errors import PassError
 from llmc.ir import Graph, Node, np_dtype_to_onnx
 from llmc.pass_manager import Pass, PassContext, PassOptions, PassResult, register_pass
-from llmc.passes._select import WeightSelection, input_statistics, matmul_weights, other_readers
+from llmc.passes._select import WeightSelection, choose_sites, input_statistics, other_readers
 from llmc.rewrite import RULE_KEY
 
 NO_SPARSE_KERNEL = "no sparse kernel on this target: size only"
@@ -150,19 +149,7 @@ class PruneUnstructured(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.options
         select = WeightSelection(o.include, o.exclude)
-        all_sites = matmul_weights(graph)
-        if not all_sites:
-            raise PassError(self.name, "the model has no MatMul with a constant float weight to prune")
-        skipped: list[dict[str, str]] = []
-        chosen: dict[str, list[Node]] = {}
-        for weight, nodes in all_sites.items():
-            if not select(weight):
-                continue
-            reason = self._reason(graph, weight, nodes)
-            if reason:
-                skipped.append({"weight": weight, "reason": reason})
-            else:
-                chosen[weight] = nodes
+        chosen, skipped = choose_sites(graph, select, self._reason, self.name, "prune")
         masks = self._masks(graph, chosen, ctx)
         layers: list[dict[str, object]] = []
         zeros = total = saved = 0
