@@ -182,3 +182,17 @@ def activations(
     for feed in feeds:
         values = session.run(list(names), {k: v for k, v in feed.items() if k in wanted})
         yield dict(zip(names, values, strict=True))
+
+
+def gram_matrices(
+    graph: Any, names: Sequence[str], feeds: Sequence[dict[str, np.ndarray]], *, diagonal: bool = False
+) -> dict[str, np.ndarray]:
+    """Per activation name, XᵀX [K, K] (float64) summed over the feeds, X being the activation's rows
+    [tokens, K]; with ``diagonal`` only Σ x_k² [K] (the full matrices of a whole LLM need not fit)."""
+    sums: dict[str, np.ndarray] = {}
+    for values in activations(graph, sorted(set(names)), feeds):
+        for name, value in values.items():
+            flat = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
+            stat = np.einsum("ij,ij->j", flat, flat) if diagonal else flat.T @ flat
+            sums[name] = sums[name] + stat if name in sums else stat
+    return sums

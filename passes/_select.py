@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from llmc.calibration import activations
+from llmc.calibration import gram_matrices
 from llmc.ir import Graph, Node
 
 
@@ -99,13 +99,7 @@ def input_statistics(
     The model runs in onnxruntime (``llmc.calibration.activations``); layers that read the same activation
     (q/k/v, gate/up) share one accumulator."""
     inputs = {w: [n.inputs[0] for n in nodes] for w, nodes in sites.items()}
-    width = {x: graph.initializers[w].shape[0] for w, xs in inputs.items() for x in xs}
-    sums: dict[str, np.ndarray] = {}
-    for values in activations(graph, sorted(width), feeds):
-        for x, k in width.items():
-            flat = np.asarray(values[x], np.float64).reshape(-1, k)
-            stat = np.einsum("ij,ij->j", flat, flat) if diagonal else flat.T @ flat
-            sums[x] = sums[x] + stat if x in sums else stat
+    sums = gram_matrices(graph, [x for xs in inputs.values() for x in xs], feeds, diagonal=diagonal)
     return {w: sum(sums[x] for x in xs) for w, xs in inputs.items()}
 
 

@@ -7,7 +7,7 @@ import pytest
 from fixtures_frontends.tiny import tiny_import
 from onnx import TensorProto, helper, numpy_helper
 
-from llmc.calibration import activations, build_calibration, require_calibration
+from llmc.calibration import activations, build_calibration, gram_matrices, require_calibration
 from llmc.errors import SpecError
 from llmc.frontends.base import ImportedModel
 from llmc.ir import from_onnx
@@ -100,3 +100,16 @@ def test_activations_match_numpy():
     h = x @ numpy_helper.to_array(w1)
     np.testing.assert_allclose(got["h"], h, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got["r"], np.maximum(h, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_gram_matrices_sum_over_feeds():
+    graph, w1, _ = _mlp()
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((n, 8)).astype(np.float32) for n in (3, 5)]
+    full = gram_matrices(graph, ["x", "h"], [{"x": x} for x in xs])
+    diag = gram_matrices(graph, ["h"], [{"x": x} for x in xs], diagonal=True)
+    stacked = np.concatenate(xs).astype(np.float64)
+    np.testing.assert_allclose(full["x"], stacked.T @ stacked, rtol=1e-10)
+    h = stacked @ numpy_helper.to_array(w1).astype(np.float64)
+    np.testing.assert_allclose(diag["h"], (h * h).sum(axis=0), rtol=1e-4)
+    np.testing.assert_allclose(np.diag(full["h"]), diag["h"], rtol=1e-10)

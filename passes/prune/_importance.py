@@ -4,26 +4,17 @@ A channel ``c`` of an MLP contributes ``h[:, c] ⊗ W_down[c, :]`` to the layer'
 ``‖h[:, c]‖₂ · ‖W_down[c, :]‖₂`` over every calibration token (the activation-weighted magnitude of Wanda,
 summed over a whole row because the whole row goes). A head contributes its slice of the ``o_proj`` input
 times its rows of ``W_o``: ``‖attn_out[:, head]‖_F · ‖W_o[head rows, :]‖_F``. Activations come from running
-the IR as it is in onnxruntime (``llmc.calibration.activations``), sums of squares accumulated feed by feed.
+the IR as it is in onnxruntime (``llmc.calibration.gram_matrices``), sums of squares accumulated feed by feed.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from llmc.calibration import CalibrationSet, activations
+from llmc.calibration import CalibrationSet, gram_matrices
 from llmc.ir import Graph
 
 from ._sites import AttentionSite, FfnSite
-
-
-def _sum_squares(graph: Graph, names: list[str], calibration: CalibrationSet) -> dict[str, np.ndarray]:
-    sums: dict[str, np.ndarray] = {}
-    for values in activations(graph, names, calibration.feeds):
-        for name, x in values.items():
-            x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
-            sums[name] = sums.get(name, 0.0) + np.einsum("tc,tc->c", x, x)
-    return sums
 
 
 def importance(
@@ -31,7 +22,7 @@ def importance(
 ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """(channel scores per MLP layer, query-head scores per attention layer)."""
     names = [s.down.inputs[0] for s in ffn] + [s.o_proj.inputs[0] for s in attention]
-    sums = _sum_squares(graph, names, calibration) if names else {}
+    sums = gram_matrices(graph, names, calibration.feeds, diagonal=True) if names else {}
     channels = {}
     for s in ffn:
         w = graph.initializers[s.down.inputs[1]].astype(np.float64)

@@ -357,7 +357,7 @@ class QuantizeWeights(Pass):
         self, graph: Graph, chosen: list[Site], shared: dict[Site, Site], ctx: PassContext
     ) -> tuple[dict[str, np.ndarray], str]:
         """XᵀX (float64) per MatMul input that a GPTQ weight reads, over the calibration set."""
-        from llmc.calibration import activations, require_calibration
+        from llmc.calibration import gram_matrices, require_calibration
 
         wanted = [
             s for s in chosen if s.scheme.algorithm == "gptq" and s.role != "embedding" and s not in shared
@@ -367,13 +367,8 @@ class QuantizeWeights(Pass):
         cal = require_calibration(ctx, self.name)
         if not wanted:
             return {}, cal.source
-        names = sorted({hessian_input(graph, s.node.inputs[0]) for s in wanted})
-        sums: dict[str, np.ndarray] = {}
-        for values in activations(graph, names, cal.feeds):
-            for name, x in values.items():
-                x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-                sums[name] = sums.get(name, 0.0) + x.T @ x
-        return sums, cal.source
+        names = [hessian_input(graph, s.node.inputs[0]) for s in wanted]
+        return gram_matrices(graph, names, cal.feeds), cal.source
 
     def _offset_fits(
         self, site: Site, shapes: InputShapes, skipped: list[dict[str, str]], ctx: PassContext
