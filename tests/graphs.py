@@ -314,3 +314,36 @@ def stats_of(report: Any, pass_name: str) -> dict[str, int | float]:
 def ops(graph: Graph) -> list[str]:
     """Op types of the graph's own nodes, in order."""
     return [n.op_type for n in graph.nodes()]
+
+
+def mlp_model(k: int = 8, hidden: int = 16, n: int = 4, *, seed: int = 0, opset: int = 21) -> onnx.ModelProto:
+    """x [batch, k] -> MatMul(w1) -> h -> Relu -> r -> MatMul(w2) -> y [batch, n], seeded normal weights."""
+    rng = np.random.default_rng(seed)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+        for name, shape in (("w1", (k, hidden)), ("w2", (hidden, n)))
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+        weights,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def relu_graph(opset: int = 21) -> Graph:
+    """y = Relu(x): a model with nothing for a weight pass to do."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "r",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    return from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from fixtures_frontends.tiny import tiny_import
-from onnx import TensorProto, helper, numpy_helper
+from graphs import mlp_model
 
 from llmc.calibration import activations, build_calibration, gram_matrices, require_calibration
 from llmc.errors import SpecError
@@ -16,22 +16,9 @@ from llmc.spec import parse_spec
 
 
 def _mlp():
-    rng = np.random.default_rng(0)
-    w1 = numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w1")
-    w2 = numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w2")
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h"]),
-        helper.make_node("Relu", ["h"], ["r"]),
-        helper.make_node("MatMul", ["r", "w2"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-        [w1, w2],
-    )
-    return from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])), w1, w2
+    model = mlp_model()
+    graph = from_onnx(model)
+    return graph, graph.initializers["w1"], graph.initializers["w2"]
 
 
 def _imported(graph) -> ImportedModel:
@@ -97,7 +84,7 @@ def test_activations_match_numpy():
     graph, w1, _ = _mlp()
     x = np.random.default_rng(2).standard_normal((4, 8)).astype(np.float32)
     (got,) = list(activations(graph, ["h", "r", "h"], [{"x": x}]))
-    h = x @ numpy_helper.to_array(w1)
+    h = x @ w1
     np.testing.assert_allclose(got["h"], h, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got["r"], np.maximum(h, 0), rtol=1e-5, atol=1e-5)
 
@@ -110,6 +97,6 @@ def test_gram_matrices_sum_over_feeds():
     diag = gram_matrices(graph, ["h"], [{"x": x} for x in xs], diagonal=True)
     stacked = np.concatenate(xs).astype(np.float64)
     np.testing.assert_allclose(full["x"], stacked.T @ stacked, rtol=1e-10)
-    h = stacked @ numpy_helper.to_array(w1).astype(np.float64)
+    h = stacked @ w1.astype(np.float64)
     np.testing.assert_allclose(diag["h"], (h * h).sum(axis=0), rtol=1e-4)
     np.testing.assert_allclose(np.diag(full["h"]), diag["h"], rtol=1e-10)

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from graphs import relu_graph
 from onnx import TensorProto, helper, numpy_helper
 
 from llmc.calibration import CalibrationSet
@@ -277,17 +278,7 @@ def test_calibration_arrays_of_the_wrong_shape() -> None:
 
 @pytest.mark.parametrize("name", ["quantize-dynamic", "quantize-static"])
 def test_model_without_matmul(name: str) -> None:
-    relu = from_onnx(
-        helper.make_model(
-            helper.make_graph(
-                [helper.make_node("Relu", ["x"], ["y"])],
-                "r",
-                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
-            ),
-            opset_imports=[helper.make_opsetid("", 21)],
-        )
-    )
+    relu = relu_graph()
     with pytest.raises(PassError, match=f"{name}.*no MatMul or Gemm with a constant float32 weight"):
         run_pipeline(relu, [name], ctx=_calibration())
 

@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from clitools import run_cli
+from graphs import relu_graph
 from onnx import TensorProto, helper, numpy_helper
 
 from llmc.calibration import CalibrationSet
@@ -101,17 +102,7 @@ def test_bad_options_and_inputs() -> None:
         make_pass("quantize-weights", {"bits": 3})
     with pytest.raises(PassError, match="opset 21"):
         run_pipeline(_graph(opset=17), ["quantize-weights"])
-    relu = from_onnx(
-        helper.make_model(
-            helper.make_graph(
-                [helper.make_node("Relu", ["x"], ["y"])],
-                "r",
-                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
-            ),
-            opset_imports=[helper.make_opsetid("", 21)],
-        )
-    )
+    relu = relu_graph()
     with pytest.raises(PassError, match="no MatMul with a constant float weight"):
         run_pipeline(relu, ["quantize-weights"])
 

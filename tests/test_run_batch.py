@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from clitools import run_cli
-from onnx import TensorProto, helper, numpy_helper
+from graphs import mlp_model
 
 from llmc.errors import ModelError
 from llmc.runtime.runner import OrtRunner
@@ -38,24 +38,7 @@ def mlp_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from llmc.spec import parse_spec
 
     folder = tmp_path_factory.mktemp("mlp")
-    rng = np.random.default_rng(0)
-    weights = [
-        numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
-        for name, shape in (("w1", (4, 8)), ("w2", (8, 3)))
-    ]
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h"]),
-        helper.make_node("Relu", ["h"], ["r"]),
-        helper.make_node("MatMul", ["r", "w2"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
-        weights,
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), folder / "mlp.onnx")
+    onnx.save(mlp_model(4, 8, 3), folder / "mlp.onnx")
     text = (
         "model: {source: onnx, path: mlp.onnx}\npipeline: [eliminate-dead-code]\ntargets: {cpu: {}}\n"
         "verify: {samples: 1, dims: {batch: 2}}\noutput: {dir: artifact}\n"
