@@ -11,7 +11,6 @@ process with ``os._exit`` as a real crash would, leaving the driver a ``RayActor
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,27 +30,13 @@ class Outcome:
     error: str | None = None
 
 
-def open_runner(artifact_dir: str | Path, intra_op_threads: int) -> tuple[Any, dict[str, Any]]:
-    """(runner, manifest) like ``load_artifact``, with the session's intra-op threads set to ``intra_op_threads``."""
-    from llmc.errors import ModelError
-    from llmc.runtime.artifact import _LOADERS
-    from llmc.targets.base import read_manifest
-
-    manifest = read_manifest(Path(artifact_dir))
-    runtime = dict(manifest.get("runtime") or {}, intra_op_threads=intra_op_threads)
-    manifest = dict(manifest, runtime=runtime)
-    target = manifest.get("target")
-    if target not in _LOADERS:
-        raise ModelError(f"{artifact_dir}: unknown target '{target}' in manifest.json")
-    module_name, _, fn = _LOADERS[target].partition(":")
-    return getattr(importlib.import_module(module_name), fn)(Path(artifact_dir), manifest), manifest
-
-
 class BatchWorker:
     """Runs shards of one kind (tensors or prompts) on one artifact session; ``ray.remote`` wraps it."""
 
     def __init__(self, artifact_dir: str, intra_op_threads: int, kind: str, max_new_tokens: int) -> None:
-        self.runner, manifest = open_runner(artifact_dir, intra_op_threads)
+        from llmc.runtime.artifact import load_artifact
+
+        self.runner, manifest = load_artifact(artifact_dir, intra_op_threads=intra_op_threads)
         self.kind = kind
         self.max_new_tokens = max_new_tokens
         self.generator = None

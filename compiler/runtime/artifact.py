@@ -16,12 +16,19 @@ _LOADERS = {
 }
 
 
-def load_artifact(artifact_dir: str | Path) -> tuple[Any, dict[str, Any]]:
-    """(runner, manifest) for an artifact folder written by ``llmc compile``."""
+def load_artifact(
+    artifact_dir: str | Path, *, intra_op_threads: int | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """(runner, manifest) for an artifact folder written by ``llmc compile``; ``intra_op_threads`` overrides
+    the manifest's (several sessions sharing a machine, one per Ray actor, must not each take every core)."""
     artifact_dir = Path(artifact_dir)
     if not artifact_dir.is_dir():
         raise ModelError(f"artifact folder not found: {artifact_dir}")
     manifest = read_manifest(artifact_dir)
+    if intra_op_threads is not None:
+        manifest = dict(
+            manifest, runtime=dict(manifest.get("runtime") or {}, intra_op_threads=intra_op_threads)
+        )
     target = manifest.get("target")
     if target not in _LOADERS:
         raise ModelError(f"{artifact_dir}: unknown target '{target}' in manifest.json")
