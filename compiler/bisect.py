@@ -109,14 +109,14 @@ class _Session:
     """What every check needs: the spec, the import, the saved reference, the pass context, a scratch folder."""
 
     def __init__(self, spec: Any, work: Path, progress: Progress) -> None:
-        from llmc.driver import _import
+        from llmc.driver import import_for_spec
         from llmc.targets import get_target
 
         self.spec = spec
         self.work = work
         self.progress = progress
         progress("import", {"source": spec.model.source, "path": spec.model.path})
-        self.imported: ImportedModel = _import(spec, work / "import")
+        self.imported: ImportedModel = import_for_spec(spec, work / "import")
         self.reference_path = work / "reference" / "model.onnx"
         self.reference_path.parent.mkdir()
         save_model(self.imported.graph, self.reference_path)

@@ -91,7 +91,7 @@ def compile_spec(
     try:
         t0 = time.perf_counter()
         progress("import", {"source": spec.model.source, "path": spec.model.path})
-        imported = _import(spec, staging / "work")
+        imported = import_for_spec(spec, staging / "work")
         graph = imported.graph
         timings["import"] = time.perf_counter() - t0
         before = summarize(graph)
@@ -160,7 +160,8 @@ def compile_spec(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _import(spec: Spec, work_dir: Path) -> ImportedModel:
+def import_for_spec(spec: Spec, work_dir: Path) -> ImportedModel:
+    """The spec's model through its frontend (scratch files under ``work_dir``); errors point at model.path."""
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         return import_model(spec.model, spec.base_dir, work_dir)

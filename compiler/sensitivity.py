@@ -190,7 +190,7 @@ class GraphRunner:
 
         from llmc.ir import to_onnx
         from llmc.ir.weights import array_to_tensor
-        from llmc.runtime.runner import _sig  # NodeArg -> TensorSig, as OrtRunner reads them
+        from llmc.runtime.runner import tensor_sig  # NodeArg -> TensorSig, as OrtRunner reads them
 
         proto = to_onnx(graph, weights="external", elide_above=_IN_PLACE_BYTES - 1)
         # onnxruntime drops unused initializers before it takes the external ones (dead weights a pipeline
@@ -220,8 +220,8 @@ class GraphRunner:
         )
         del proto
 
-        self.inputs = [_sig(a) for a in self.session.get_inputs()]
-        self.outputs = [_sig(a) for a in self.session.get_outputs()]
+        self.inputs = [tensor_sig(a) for a in self.session.get_inputs()]
+        self.outputs = [tensor_sig(a) for a in self.session.get_outputs()]
         last = graph.metadata_props.get("llmc.last_token_outputs", "")
         self.last_token_outputs = [n for n in last.split(",") if n]
 
@@ -507,7 +507,7 @@ def analyze(
     progress: Progress = _noop,
 ) -> SensitivityReport:
     """``llmc sensitivity``: import, run the pipeline up to the pass, rank the groups."""
-    from llmc.driver import _import
+    from llmc.driver import import_for_spec
 
     if by not in GROUPINGS:
         raise SpecError(f"--by must be one of {', '.join(GROUPINGS)}, not '{by}'")
@@ -517,7 +517,7 @@ def analyze(
     with tempfile.TemporaryDirectory(prefix="llmc-sensitivity-") as tmp:
         work = Path(tmp)
         progress("import", {"source": spec.model.source, "path": spec.model.path})
-        imported = _import(spec, work / "import")
+        imported = import_for_spec(spec, work / "import")
         ctx = pipeline_context(spec, imported)
         PassManager(
             Pipeline(steps[:index]),

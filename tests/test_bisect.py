@@ -137,7 +137,7 @@ def test_bisect_on_a_decoder_excludes_the_fragile_layer(
     from llmc.driver import compile_spec
 
     base = tiny_import("llama")
-    monkeypatch.setattr(llmc.driver, "_import", lambda spec, work_dir: fragile_decoder(base))
+    monkeypatch.setattr(llmc.driver, "import_for_spec", lambda spec, work_dir: fragile_decoder(base))
     text = (
         f"model: {{source: hf, path: {tiny_folder('llama')}, task: text-generation}}\n"
         "pipeline:\n  - upgrade-opset: {version: 24}\n  - fold-weight-transposes\n  - fuse-rms-norm\n"

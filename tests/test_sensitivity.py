@@ -162,13 +162,13 @@ def decoder_spec(tmp_path: Path, verify: str = "") -> Path:
 
 @pytest.fixture
 def fragile_llama(monkeypatch: pytest.MonkeyPatch):
-    """``_import`` answers with the tiny llama (exported once per test process) whose layer 1 is fragile."""
+    """``import_for_spec`` answers with the tiny llama (exported once per test process) whose layer 1 is fragile."""
     from fixtures_frontends.tiny import tiny_import
 
     import llmc.driver
 
     base = tiny_import("llama")
-    monkeypatch.setattr(llmc.driver, "_import", lambda spec, work_dir: fragile_decoder(base))
+    monkeypatch.setattr(llmc.driver, "import_for_spec", lambda spec, work_dir: fragile_decoder(base))
     return base
 
 

@@ -50,7 +50,8 @@ _ORT_TYPES = {
 }
 
 
-def _sig(arg: ort.NodeArg) -> TensorSig:
+def tensor_sig(arg: ort.NodeArg) -> TensorSig:
+    """An onnxruntime input/output description as a TensorSig (numpy dtype name, dims)."""
     shape = None if arg.shape is None else tuple(d if isinstance(d, int | str) else None for d in arg.shape)
     return TensorSig(arg.name, _ORT_TYPES.get(arg.type, arg.type), shape)
 
@@ -81,8 +82,8 @@ class OrtRunner:
             options.add_session_config_entry(key, value)
         self.model_path = Path(model_path)
         self.session = ort.InferenceSession(os.fspath(model_path), options, providers=list(providers))
-        self.inputs = [_sig(a) for a in self.session.get_inputs()]
-        self.outputs = [_sig(a) for a in self.session.get_outputs()]
+        self.inputs = [tensor_sig(a) for a in self.session.get_inputs()]
+        self.outputs = [tensor_sig(a) for a in self.session.get_outputs()]
         meta = self.session.get_modelmeta().custom_metadata_map
         # Outputs computed for the last sequence position only (the logits-last-token pass).
         self.last_token_outputs = [n for n in meta.get("llmc.last_token_outputs", "").split(",") if n]
