@@ -178,10 +178,20 @@ def activations(
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     del model
-    wanted = set(session.get_inputs()[i].name for i in range(len(session.get_inputs())))
+    declared = {i.name: i.shape for i in session.get_inputs()}
     for feed in feeds:
-        values = session.run(list(names), {k: v for k, v in feed.items() if k in wanted})
+        fitted = {k: _fit_empty(v, declared[k]) for k, v in feed.items() if k in declared}
+        values = session.run(list(names), fitted)
         yield dict(zip(names, values, strict=True))
+
+
+def _fit_empty(value: np.ndarray, shape: list) -> np.ndarray:
+    """An empty feed (a decoder's past KV cache at prefill) in the graph's current static dims: a pass that
+    removed kv heads changed them after the calibration set was built."""
+    if value.size or len(shape) != value.ndim:
+        return value
+    dims = [d if isinstance(d, int) and v != 0 else v for d, v in zip(shape, value.shape, strict=True)]
+    return np.zeros(dims, value.dtype)
 
 
 def gram_matrices(

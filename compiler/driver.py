@@ -118,7 +118,10 @@ def compile_spec(
         failure_dir = dump_dir if dump_dir is not None else Path(tempfile.mkdtemp(prefix="llmc-failure-"))
         manager = PassManager(
             pipeline,
-            ctx=PassContext(target=None, data={"task": imported.task, "calibration": calibration}),
+            ctx=PassContext(
+                target=None,
+                data={"task": imported.task, "calibration": calibration, "decoder": imported.decoder},
+            ),
             instruments=instruments,
             verify_each=verify_each,
             failure_dir=failure_dir,

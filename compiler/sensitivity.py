@@ -52,7 +52,12 @@ def pipeline_context(spec: Any, imported: ImportedModel) -> PassContext:
     from llmc.calibration import build_calibration
 
     return PassContext(
-        target=None, data={"task": imported.task, "calibration": build_calibration(spec, imported)}
+        target=None,
+        data={
+            "task": imported.task,
+            "calibration": build_calibration(spec, imported),
+            "decoder": imported.decoder,
+        },
     )
 
 

@@ -258,7 +258,7 @@ def test_ratios_need_calibration():
         _prune(_layer(_weights()), {"ffn_ratio": 0.5})
 
 
-def test_unfused_attention_is_rejected():
+def test_a_graph_without_attention_is_rejected():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, S, H])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, S, H])
     w = numpy_helper.from_array(np.eye(H, dtype=np.float32), "w")
@@ -266,7 +266,7 @@ def test_unfused_attention_is_rejected():
     model = helper.make_model(
         helper.make_graph(nodes, "g", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 24)]
     )
-    with pytest.raises(PassError, match="run fuse-attention before this pass"):
+    with pytest.raises(PassError, match="found no attention"):
         _prune(from_onnx(model), {"heads": {0: [0]}})
 
 
@@ -304,3 +304,34 @@ def test_a_ratio_outside_0_1_in_a_spec_is_located(tmp_path):
     with pytest.raises(SpecError) as info:
         load_spec(path)
     assert "ffn_ratio" in info.value.message and info.value.location.line == 5
+
+
+def test_recover_refits_down_so_a_duplicate_channel_goes_without_loss():
+    """Channel 5 is a copy of channel 2 (same gate and up columns): removing it and refitting down by least
+    squares gives down row 2 the sum of both rows, the hand-computed exact answer; without the refit the
+    output changes."""
+    w = _weights()
+    w["gate"][:, 5], w["up"][:, 5] = w["gate"][:, 2], w["up"][:, 2]
+    feeds = [_feeds(seed=s) for s in range(4)]
+    expected = _run(_layer(w), feeds[0])
+    plain, refit = _layer(w), _layer(w)
+    _prune(plain, {"channels": {0: [5]}, "multiple_of": 1})
+    _prune(refit, {"channels": {0: [5]}, "multiple_of": 1, "recover": True, "recover_damp": 1e-9}, feeds)
+    want = np.delete(w["down"], 5, axis=0)
+    want[2] += w["down"][5]
+    np.testing.assert_allclose(_weight(refit, "mlp.down_proj"), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_run(refit, feeds[0])[0], expected[0], rtol=1e-4, atol=1e-4)
+    assert np.abs(_run(plain, feeds[0])[0] - expected[0]).max() > 1e-2
+
+
+def test_recover_refits_o_proj_for_removed_heads():
+    """A removed query head whose output equals a kept head's (same q columns, same kv group) is folded into
+    the kept head's o_proj rows."""
+    w = _weights()
+    w["q"][:, 1 * D : 2 * D] = w["q"][:, 0 * D : 1 * D]  # heads 0 and 1 share kv group 0: equal outputs
+    w["q"][:, 3 * D : 4 * D] = w["q"][:, 2 * D : 3 * D]  # heads 2 and 3 share kv group 1
+    feeds = [_feeds(seed=s) for s in range(4)]
+    expected = _run(_layer(w), feeds[0])
+    graph = _layer(w)
+    _prune(graph, {"heads": {0: [1, 3]}, "recover": True, "recover_damp": 1e-9}, feeds)
+    np.testing.assert_allclose(_run(graph, feeds[0])[0], expected[0], rtol=1e-4, atol=1e-4)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -232,9 +232,17 @@ class PassManager:
                 ) from exc
             record.verified = True
         report.records.append(record)
+        self._follow_interface(result.details.get("decoder"))
         for inst in self.instruments:
             inst.after_pass(p, graph, result, record)
         return moved
+
+    def _follow_interface(self, changes: dict | None) -> None:
+        """A pass that changes a decoder's interface (dropped layers, fewer kv heads) reports it in
+        ``details["decoder"]``; later passes read the current one from ``ctx.data["decoder"]``."""
+        decoder = self.ctx.data.get("decoder")
+        if changes and decoder is not None:
+            self.ctx.data["decoder"] = replace(decoder, **changes)
 
     def _fail(self, p: Pass, graph: Graph, exc: BaseException, index: int, before, detail: str) -> PassError:
         dumps: list[Path] = []

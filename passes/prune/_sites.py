@@ -5,7 +5,7 @@ weights' columns (and a Split's sizes when projections were merged), the value s
 head counts of ``Attention``/``RotaryEmbedding``, the consuming weight's rows, and the KV cache when kv heads
 go. This module traces those chains and says, for a site it cannot handle, which node stops the trace.
 
-Supported forms (what the fusion passes produce; the unfused exporter form of attention is not):
+Supported forms (what the fusion passes produce; the exporter's unfused attention is in ``_unfused``):
 
 * attention: opset-23 ``Attention`` with 4-D heads-first q/k/v, each ``[RotaryEmbedding](Transpose[0,2,1,3](
   Reshape(lin)))`` where ``lin`` is a ``MatMul`` with a constant weight or one output of a ``Split`` of such a
@@ -73,6 +73,14 @@ class AttentionSite:
     out_reshape: Node
     o_proj: Node
     cache: list[str] = field(default_factory=list)  # past key/value inputs and present outputs ([B, H, T, D])
+    # the unfused form only (see ``_unfused``): repeat_kv nodes and the values between q/k/v and P·V
+    # (value, {axis: q | kv | group | unknown}) between q/k/v and P·V; (node, axis, count) of target shapes
+    region: list[tuple[str, dict[int, str]]] = field(default_factory=list)
+    shape_edits: list[tuple[Node, int, str]] = field(default_factory=list)
+
+    @property
+    def fused(self) -> bool:
+        return self.node.op_type == "Attention"
 
     @property
     def group(self) -> int:
@@ -107,7 +115,7 @@ def layer_name(weight: str, fallback: int) -> tuple[int, str]:
     return (int(m.group(2)), m.group(1)) if m else (fallback, f"layer{fallback}")
 
 
-def _const_weight(graph: Graph, node: Node | None) -> np.ndarray | None:
+def const_weight(graph: Graph, node: Node | None) -> np.ndarray | None:
     if node is None or node.op_type != "MatMul" or node.domain or not graph.is_constant(node.input(1)):
         return None
     w = graph.initializers[node.inputs[1]]
@@ -132,16 +140,19 @@ def split_sizes(graph: Graph, split: Node, total: int) -> list[int]:
 def trace_source(graph: Graph, value: str) -> Source:
     """The weight segment behind ``value``: a constant-weight MatMul output or one output of its last-axis Split."""
     node = graph.producer(value)
-    w = _const_weight(graph, node)
+    w = const_weight(graph, node)
     if w is not None:
         return Source(node, 0, w.shape[1])
     if node is None or node.op_type != "Split" or node.domain:
-        raise SiteError(f"'{value}' does not come from a MatMul with a constant weight (or a Split of one)")
+        raise SiteError(
+            f"'{value}' does not come from a MatMul with a constant weight (or a Split of one); an exporter's "
+            "Transpose(weight) becomes one after fold-weight-transposes and fold-constants"
+        )
     rank = len(graph.shape(node.inputs[0]) or ())
     if node.attr("axis", 0) not in (-1, rank - 1):
         raise SiteError(f"{node.label}: splits axis {node.attr('axis', 0)}, not the last one")
     matmul = graph.producer(node.inputs[0])
-    w = _const_weight(graph, matmul)
+    w = const_weight(graph, matmul)
     if w is None:
         raise SiteError(f"{node.label}: its input is not a MatMul with a constant weight")
     sizes = split_sizes(graph, node, w.shape[1])
@@ -155,7 +166,7 @@ def _require_only(graph: Graph, value: str, allowed: set[int], live: set[int]) -
             raise SiteError(f"'{value}' is also read by {consumer.label}, which pruning would not update")
 
 
-def _sole_consumer(graph: Graph, value: str, op: str, live: set[int]) -> Node:
+def sole_consumer(graph: Graph, value: str, op: str, live: set[int]) -> Node:
     users = [n for n in graph.consumers(value) if n.id in live]
     if len(users) != 1 or users[0].op_type != op or users[0].domain or value in graph.outputs:
         raise SiteError(f"'{value}' is not read by exactly one {op}")
@@ -208,12 +219,12 @@ def attention_site(graph: Graph, node: Node, fallback: int, live: set[int]) -> A
     if q.source.width != q_heads * head_dim or k.source.width != kv_heads * head_dim:
         raise SiteError(f"{node.label}: projection widths do not match {q_heads}/{kv_heads} heads")
     out = node.outputs[0]
-    transpose = _sole_consumer(graph, out, "Transpose", live)
+    transpose = sole_consumer(graph, out, "Transpose", live)
     if list(transpose.attr("perm") or []) != [0, 2, 1, 3]:
         raise SiteError(f"{transpose.label}: the Attention output is not transposed back with [0,2,1,3]")
-    reshape = _sole_consumer(graph, transpose.outputs[0], "Reshape", live)
-    o_proj = _sole_consumer(graph, reshape.outputs[0], "MatMul", live)
-    if _const_weight(graph, o_proj) is None or o_proj.input(0) != reshape.outputs[0]:
+    reshape = sole_consumer(graph, transpose.outputs[0], "Reshape", live)
+    o_proj = sole_consumer(graph, reshape.outputs[0], "MatMul", live)
+    if const_weight(graph, o_proj) is None or o_proj.input(0) != reshape.outputs[0]:
         raise SiteError(f"{o_proj.label}: the output projection has no constant weight")
     cache = [v for v in (node.input(4), node.input(5), *node.outputs[1:3]) if v]
     index, name = layer_name(o_proj.inputs[1], fallback)
@@ -225,7 +236,7 @@ def attention_site(graph: Graph, node: Node, fallback: int, live: set[int]) -> A
 
 def ffn_site(graph: Graph, down: Node, fallback: int, live: set[int]) -> FfnSite | None:
     """The gated (or plain) MLP that ends in ``down``, or None when its input is not built that way."""
-    w = _const_weight(graph, down)
+    w = const_weight(graph, down)
     if w is None:
         return None
     root = graph.producer(down.inputs[0])
@@ -298,4 +309,8 @@ def find_sites(graph: Graph) -> tuple[list[AttentionSite], list[FfnSite]]:
             site = ffn_site(graph, node, len(ffn), live)
             if site is not None:
                 ffn.append(site)
+    if not attention:
+        from ._unfused import unfused_attention_sites  # the exporter's form, before fuse-attention
+
+        attention = unfused_attention_sites(graph, live)
     return attention, ffn

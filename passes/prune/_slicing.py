@@ -86,6 +86,21 @@ def keep_rows(graph: Graph, matmul: Node, keep: np.ndarray) -> int:
     return set_weight(graph, matmul, 1, w[np.asarray(keep, np.int64)])
 
 
+def refit_rows(graph: Graph, matmul: Node, keep: np.ndarray, gram: np.ndarray, damp: float = 0.1) -> int:
+    """Keep the rows ``keep`` of ``matmul``'s weight W, re-fitted so that the kept inputs reproduce the old
+    output on the calibration activations X (``gram`` = XᵀX): W' = argmin ‖X_k W' − X W‖² + λ‖W' − W_k‖²,
+    i.e. (G_kk + λI) W' = G_k: W + λ W_k, with λ a ``damp`` share of G_kk's mean diagonal. Pulling W' towards
+    the rows it replaces (not towards 0) keeps the refit sane where the calibration tokens do not span the
+    inputs (a few thousand tokens against an MLP width of thousands)."""
+    keep = np.asarray(keep, np.int64)
+    w = graph.initializers[matmul.inputs[1]]
+    w64 = w.astype(np.float64)
+    g_kk = gram[np.ix_(keep, keep)]
+    lam = damp * float(np.mean(np.diag(g_kk))) or damp
+    refit = np.linalg.solve(g_kk + lam * np.eye(len(keep)), gram[keep] @ w64 + lam * w64[keep])
+    return set_weight(graph, matmul, 1, refit.astype(w.dtype))
+
+
 def keep_vector(graph: Graph, node: Node, slot: int, keep: np.ndarray) -> int:
     """A constant per-channel vector (bias, scale) of shape [..., width] keeps the entries ``keep``."""
     v = graph.constant(node.inputs[slot])
@@ -111,13 +126,13 @@ def fix_reshape(graph: Graph, reshape: Node, axis: int, old: int, new: int) -> N
     remaining = rank - 1 - axis  # entries after ``axis``
     for slot in range(len(concat.inputs) - 1, -1, -1):
         piece = concat.inputs[slot]
-        piece_shape = graph.shape(piece)
-        if piece_shape is None or len(piece_shape) != 1 or not isinstance(piece_shape[0], int):
+        length = _piece_length(graph, piece, one_each=len(concat.inputs) == rank)
+        if length is None:
             raise SiteError(f"{concat.label}: cannot tell which entry of the shape holds the heads")
-        if remaining >= piece_shape[0]:
-            remaining -= piece_shape[0]
+        if remaining >= length:
+            remaining -= length
             continue
-        index = piece_shape[0] - 1 - remaining
+        index = length - 1 - remaining
         value = graph.constant(piece)
         if value is None:
             raise SiteError(f"{concat.label}: the heads entry of the target shape is computed at run time")
@@ -140,6 +155,18 @@ def fix_reshape(graph: Graph, reshape: Node, axis: int, old: int, new: int) -> N
             graph.set_input(concat, slot, graph.add_initializer(f"{piece}.pruned", edited))
         return
     raise SiteError(f"{reshape.label}: its target shape has fewer than {axis + 1} entries")
+
+
+def _piece_length(graph: Graph, piece: str, *, one_each: bool) -> int | None:
+    """Entries a 1-D piece of a Concat'ed shape holds: from the constant, the recorded shape, or 1 when the
+    Concat has as many pieces as the shape has entries (every piece holds at least one)."""
+    const = graph.constant(piece)
+    if const is not None:
+        return int(const.size)
+    shape = graph.shape(piece)
+    if shape is not None and len(shape) == 1 and isinstance(shape[0], int):
+        return shape[0]
+    return 1 if one_each else None
 
 
 def _check_entry(reshape: Node, axis: int, entry: int, old: int) -> None:

@@ -22,9 +22,10 @@ Grouped-query attention stays uniform, as onnxruntime's ``Attention``/``GroupQue
   cache inputs/outputs get the new shape. The driver must carry that count into the DecoderSpec (for the
   verifier, later calibration and the manifest).
 
-The pass runs on the fused IR (fuse-attention, and optionally merge-qkv and fuse-silu-gate, before it): the
-unfused attention of an exporter is rejected with the node that stops the trace (see ``_sites``). Dead
-nodes are removed first, since they could read pruned values with their old shapes.
+The pass runs before or after fusion: on ``Attention`` nodes (fuse-attention, optionally merge-qkv and
+fuse-silu-gate before it; see ``_sites``) or on the exporter's math-form attention with its hand-written
+rotary embedding and ``repeat_kv`` (see ``_unfused``); a form it cannot follow is rejected with the node that
+stops the trace. Dead nodes are removed first, since they could read pruned values with their old shapes.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ from pydantic import Field, field_validator
 
 from llmc.calibration import require_calibration
 from llmc.errors import PassError
-from llmc.ir import Graph
+from llmc.ir import Graph, Node
 from llmc.pass_manager import Pass, PassContext, PassOptions, PassResult, register_pass
 from llmc.passes.cleanup.dead_code import EliminateDeadCode
 
-from ._importance import importance
+from ._importance import activation_names, importance, statistics
+from ._layers import drop_layers, find_layers, layer_importance
 from ._sites import AttentionSite, FfnSite, SiteError, find_sites
-from ._slicing import fix_reshape, keep_columns, keep_rows, keep_vector, resize
+from ._slicing import fix_reshape, keep_columns, keep_rows, keep_vector, refit_rows, resize
 
 
 @register_pass("prune-structured")
@@ -82,6 +84,22 @@ class PruneStructured(Pass):
         multiple_of: int = Field(
             default=32, ge=1, description="kept MLP channels are a multiple of this (int4 block size)"
         )
+        recover: bool = Field(
+            default=False,
+            description="refit each pruned MLP's down and attention's o_proj weight by least squares on the "
+            "calibration activations, so the kept channels/heads reproduce the layer's old output",
+        )
+        recover_damp: float = Field(
+            default=1.0,
+            gt=0.0,
+            description="refit ridge towards the original rows, as a share of the mean input energy",
+        )
+        layer_ratio: float = Field(
+            default=0.0, ge=0.0, lt=1.0, description="share of decoder layers dropped (least influence first)"
+        )
+        drop_layers: list[int] = Field(
+            default_factory=list, description="decoder layers to drop (instead of the influence scores)"
+        )
 
         @field_validator("channels", "heads")
         @classmethod
@@ -95,9 +113,15 @@ class PruneStructured(Pass):
         o = self.options
         wants_ffn = o.ffn_ratio > 0 or bool(o.channels)
         wants_heads = o.head_ratio > 0 or bool(o.heads)
-        if not (wants_ffn or wants_heads):
+        wants_layers = o.layer_ratio > 0 or bool(o.drop_layers)
+        if not (wants_ffn or wants_heads or wants_layers):
             return PassResult(False, {"bytes_saved": 0})
         cleaned = EliminateDeadCode().run(graph, ctx).changed
+        dropped: dict = {}
+        if wants_layers:
+            dropped = self._drop_layers(graph, ctx)
+            if not (wants_ffn or wants_heads):
+                return PassResult(True, dropped["stats"], dropped["details"])
         try:
             attention, ffn = find_sites(graph)
         except SiteError as exc:
@@ -106,19 +130,31 @@ class PruneStructured(Pass):
             raise PassError(self.name, "found no MLP (activation-gated MatMul into a constant-weight MatMul)")
         if wants_heads and not attention:
             raise PassError(
-                self.name, "found no opset-23 Attention node: run fuse-attention before this pass"
+                self.name,
+                "found no attention (an opset-23 Attention node or softmax(Q·Kᵀ)·V with projections)",
             )
         self._check_layers(ffn, attention)
         ffn_scores: dict[int, np.ndarray] = {}
         head_scores: dict[int, np.ndarray] = {}
-        if (o.ffn_ratio > 0 and ffn) or (o.head_ratio > 0 and attention):
+        scored_ffn = [s for s in ffn if o.ffn_ratio > 0 and s.layer not in o.channels and self._picked(s)]
+        scored_heads = [
+            s for s in attention if o.head_ratio > 0 and s.layer not in o.heads and self._picked(s)
+        ]
+        grams: dict[str, np.ndarray] = {}
+        if scored_ffn or scored_heads or o.recover:
             calibration = require_calibration(ctx, self.name)
-            ffn_scores, head_scores = importance(
-                graph,
-                [s for s in ffn if o.ffn_ratio > 0 and s.layer not in o.channels and self._picked(s)],
-                [s for s in attention if o.head_ratio > 0 and s.layer not in o.heads and self._picked(s)],
-                calibration,
-            )
+            if o.recover:  # every site that may lose something: its whole XᵀX, for the scores and the refit
+                refit_ffn = [s for s in ffn if wants_ffn and (s.layer in o.channels or self._picked(s))]
+                refit_heads = [
+                    s for s in attention if wants_heads and (s.layer in o.heads or self._picked(s))
+                ]
+                names = activation_names(refit_ffn, refit_heads)
+            else:
+                names = activation_names(scored_ffn, scored_heads)
+            grams = statistics(graph, names, calibration, full=o.recover)
+            ffn_scores, head_scores = importance(graph, scored_ffn, scored_heads, grams)
+            if not o.recover:
+                grams = {}
         self._ffn_counts: dict[int, int] = {}
         self._head_counts: dict[int, int] = {}
         self._plan_model_scope(
@@ -133,7 +169,7 @@ class PruneStructured(Pass):
             keep = self._ffn_keep(site, ffn_scores.get(site.layer))
             if keep is None:
                 continue
-            saved += _prune_ffn(graph, site, keep)
+            saved += _prune_ffn(graph, site, keep, grams.get(site.down.inputs[0]), o.recover_damp)
             removed_channels += site.width - len(keep)
             layers.setdefault(str(site.layer), {})["ffn_channels"] = [len(keep), site.width]
         kv_after: set[int] = set()
@@ -144,7 +180,8 @@ class PruneStructured(Pass):
                 continue
             q_keep, kv_keep = plan
             try:
-                saved += _prune_heads(graph, site, q_keep, kv_keep)
+                gram = grams.get(site.o_proj.inputs[0])
+                saved += _prune_heads(graph, site, q_keep, kv_keep, gram, o.recover_damp)
             except SiteError as exc:
                 raise PassError(self.name, str(exc)) from None
             removed_heads += site.q_heads - len(q_keep)
@@ -159,7 +196,68 @@ class PruneStructured(Pass):
         if o.head_mode == "group" and kv_after and attention and kv_after != {attention[0].kv_heads}:
             details["decoder"] = {"num_kv_heads": kv_after.pop()}
         stats = {"channels_removed": removed_channels, "heads_removed": removed_heads, "bytes_saved": saved}
+        if dropped:
+            stats |= {**dropped["stats"], "bytes_saved": saved + dropped["stats"]["bytes_saved"]}
+            details["decoder"] = {**dropped["details"].get("decoder", {}), **details.get("decoder", {})}
+            details |= {k: v for k, v in dropped["details"].items() if k != "decoder"}
+            changed = True
         return PassResult(changed, stats, details)
+
+    # -- whole layers ------------------------------------------------------------------------------
+    def _drop_layers(self, graph: Graph, ctx: PassContext) -> dict:
+        """Drop whole decoder layers (explicit ``drop_layers`` or the ``layer_ratio`` least influential)."""
+        o = self.options
+        try:
+            sites = find_layers(graph)
+        except SiteError as exc:
+            raise PassError(self.name, str(exc)) from None
+        known = {s.layer for s in sites}
+        where = f"layers are {min(known, default=0)}..{max(known, default=-1)}"
+        if o.drop_layers:
+            unknown = sorted(set(o.drop_layers) - known)
+            if unknown:
+                raise PassError(self.name, f"drop_layers: no decoder layer {unknown[0]} ({where})")
+            drop = sorted(set(o.drop_layers))
+            scores = None
+        else:
+            candidates = [s for s in sites if self._selected(s.layer, s.name)]
+            count = math.floor(o.layer_ratio * len(sites) + 0.5)  # half up: 0.15 of 30 layers is 5
+            if count == 0:
+                raise PassError(
+                    self.name,
+                    f"layer_ratio {o.layer_ratio} drops none of the {len(sites)} layers",
+                    hint=f"use at least {1 / max(len(sites), 1):.3f}, or drop_layers: [...]",
+                )
+            if count > len(candidates):
+                raise PassError(
+                    self.name, f"layer_ratio {o.layer_ratio} drops {count} layers; include/exclude leave "
+                    f"{len(candidates)} to choose from",
+                )  # fmt: skip
+            calibration = require_calibration(ctx, self.name)
+            scores = layer_importance(graph, candidates, calibration.feeds)
+            drop = sorted(candidates[k].layer for k in np.argsort(scores, kind="stable")[:count])
+        if len(drop) >= len(sites):
+            raise PassError(self.name, f"dropping every decoder layer ({where})")
+        decoder = ctx.data.get("decoder")
+        if decoder is None and any(s.cache_inputs for s in sites):
+            raise PassError(
+                self.name,
+                "dropping layers of a graph with a KV cache renumbers the cache by the DecoderSpec, and "
+                "this pipeline has none (PassContext.data['decoder'])",
+            )
+        try:
+            saved = drop_layers(graph, sites, drop, decoder)
+        except SiteError as exc:
+            raise PassError(self.name, str(exc)) from None
+        details: dict = {"dropped_layers": drop}
+        if scores is not None:
+            details["layer_influence"] = {
+                str(s.layer): round(float(v), 6) for s, v in zip(candidates, scores, strict=True)
+            }
+        if any(s.cache_inputs for s in sites):
+            details["decoder"] = {"num_layers": len(sites) - len(drop)}
+        stats = {"layers_dropped": len(drop), "bytes_saved": saved}
+        return {"stats": stats, "details": details}
 
     # -- which layers and what to keep -----------------------------------------------------------
     def _selected(self, index: int, name: str) -> bool:
@@ -332,9 +430,16 @@ class PruneStructured(Pass):
         return [j for j in range(site.kv_heads) if j not in removed], removed
 
 
-def _prune_ffn(graph: Graph, site: FfnSite, keep: np.ndarray) -> int:
+def _rows(graph: Graph, matmul: Node, keep: np.ndarray, gram: np.ndarray | None, damp: float) -> int:
+    """The consuming weight keeps the rows ``keep``: as they are, or refitted when XᵀX is given."""
+    return keep_rows(graph, matmul, keep) if gram is None else refit_rows(graph, matmul, keep, gram, damp)
+
+
+def _prune_ffn(
+    graph: Graph, site: FfnSite, keep: np.ndarray, gram: np.ndarray | None = None, damp: float = 1.0
+) -> int:
     saved = keep_columns(graph, site.sources, [keep] * len(site.sources))
-    saved += keep_rows(graph, site.down, keep)
+    saved += _rows(graph, site.down, keep, gram, damp)
     for node, slot in site.vectors:
         saved += keep_vector(graph, node, slot, keep)
     for value in site.values:
@@ -346,7 +451,14 @@ def _columns(heads: np.ndarray, head_dim: int) -> np.ndarray:
     return (np.asarray(heads, np.int64)[:, None] * head_dim + np.arange(head_dim)).reshape(-1)
 
 
-def _prune_heads(graph: Graph, site: AttentionSite, q_keep: np.ndarray, kv_keep: np.ndarray) -> int:
+def _prune_heads(
+    graph: Graph,
+    site: AttentionSite,
+    q_keep: np.ndarray,
+    kv_keep: np.ndarray,
+    gram: np.ndarray | None = None,
+    damp: float = 1.0,
+) -> int:
     d = site.head_dim
     q_cols, kv_cols = _columns(q_keep, d), _columns(kv_keep, d)
     paths = [(site.q, q_cols, site.q_heads, len(q_keep))]
@@ -355,7 +467,7 @@ def _prune_heads(graph: Graph, site: AttentionSite, q_keep: np.ndarray, kv_keep:
     for path, _, old, new in paths:
         fix_reshape(graph, path.reshape, 2, old, new)
     saved = keep_columns(graph, [p.source for p, *_ in paths], [cols for _, cols, *_ in paths])
-    saved += keep_rows(graph, site.o_proj, q_cols)
+    saved += _rows(graph, site.o_proj, q_cols, gram, damp)
     fix_reshape(graph, site.out_reshape, 2, site.q_heads * d, len(q_keep) * d)
     for path, _, _, new in paths:
         for value, axis in path.heads_values:
@@ -368,6 +480,26 @@ def _prune_heads(graph: Graph, site: AttentionSite, q_keep: np.ndarray, kv_keep:
     if len(kv_keep) != site.kv_heads:
         for value in site.cache:
             resize(graph, value, 1, len(kv_keep))
-    site.node.set_attr("q_num_heads", len(q_keep))
-    site.node.set_attr("kv_num_heads", len(kv_keep))
+    if site.fused:
+        site.node.set_attr("q_num_heads", len(q_keep))
+        site.node.set_attr("kv_num_heads", len(kv_keep))
+    else:
+        _prune_repeats(graph, site, len(q_keep), len(kv_keep))
     return saved
+
+
+def _prune_repeats(graph: Graph, site: AttentionSite, q_heads: int, kv_heads: int) -> None:
+    """Unfused attention: the targets of repeat_kv's Expand [B, kv, group, T, D] and Reshape [B, heads, T, D]
+    (and a constant K^T shape) and the recorded shapes of the values between q/k/v and P·V get the new
+    counts; a value whose head axis is merged with the batch loses its recorded shape."""
+    old = {"q": site.q_heads, "kv": site.kv_heads, "group": site.group}
+    new = {"q": q_heads, "kv": kv_heads, "group": q_heads // kv_heads}
+    for node, axis, kind in site.shape_edits:
+        fix_reshape(graph, node, axis, old[kind], new[kind])
+    for value, axes in site.region:
+        info = graph.value_info(value)
+        for axis, kind in axes.items():
+            if kind == "unknown" and info is not None:
+                graph.set_value_info(value, info.dtype, None)
+            elif kind != "unknown":
+                resize(graph, value, axis, new[kind])
