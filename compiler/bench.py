@@ -191,12 +191,18 @@ def _threads(manifest: dict[str, Any]) -> int:
 
 
 def candidates(
-    artifact_dir: Path, manifest: dict[str, Any], baselines: Sequence[str]
+    artifact_dir: Path,
+    manifest: dict[str, Any],
+    baselines: Sequence[str],
+    against: Sequence[Path] = (),
+    threads: int | None = None,
 ) -> tuple[list[Candidate], dict[str, str]]:
-    """The artifact and the baselines that can be built for it; ``skipped`` maps the others to why not."""
+    """The artifact, the baselines that can be built for it (``skipped`` maps the others to why not) and the
+    other artifacts ``against`` (each with its own decoder interface: a pruned model may have fewer layers),
+    all with ``threads`` intra-op threads (default: the artifact's)."""
     artifact_dir = Path(artifact_dir)
     task = manifest.get("task")
-    threads = _threads(manifest)
+    threads = threads or _threads(manifest)
     decoder = artifact_decoder(manifest) if task == "text-generation" else None
     tokenizer = artifact_tokenizer(artifact_dir, manifest) if decoder else None
     found: list[Candidate] = []
@@ -239,9 +245,34 @@ def candidates(
             )
     model_path = artifact_dir / manifest["model"]
     found.append(
-        Candidate(ARTIFACT, lambda: wrap_runner(load_artifact_runner(artifact_dir)[0]), file_size(model_path))
+        Candidate(
+            ARTIFACT,
+            lambda: wrap_runner(load_artifact_runner(artifact_dir, threads)[0]),
+            file_size(model_path),
+        )
     )
+    for other in map(Path, against):
+        other_manifest = read_manifest(other)
+        if other_manifest.get("task") != task:
+            raise ModelError(f"{other} is a '{other_manifest.get('task')}' artifact, {artifact_dir} '{task}'")
+        found.append(
+            Candidate(other.name, _artifact_loader(other, other_manifest, threads), other_size(other))
+        )
     return found, skipped
+
+
+def other_size(artifact_dir: Path) -> int:
+    return file_size(artifact_dir / read_manifest(artifact_dir)["model"])
+
+
+def _artifact_loader(artifact_dir: Path, manifest: dict[str, Any], threads: int) -> Callable[[], Any]:
+    def load() -> Any:
+        runner = load_artifact_runner(artifact_dir, threads)[0]
+        if manifest.get("task") != "text-generation":
+            return _ort_encoder(runner)
+        return Generator(runner, artifact_decoder(manifest), artifact_tokenizer(artifact_dir, manifest))
+
+    return load
 
 
 # -- decoders -------------------------------------------------------------------------------------------
@@ -381,13 +412,16 @@ def bench_decoder(
     accuracy: bool = True,
     perplexity_tokens: int = 128,
     perplexity_window: int = 128,
+    against: Sequence[Path] = (),
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Prefill latency and decode tokens/s of the artifact and its baselines (greedy, batch 1, eos ignored),
     and unless ``accuracy`` is off, teacher-forced token agreement with the fp32 reference and perplexity on
     llmc's shipped evaluation text (the first ``perplexity_tokens`` tokens).
 
     The candidates' runs are interleaved (run 1 of each, then run 2 of each...), so that a busy machine slows
-    them alike rather than whichever happened to run at the wrong moment.
+    them alike rather than whichever happened to run at the wrong moment. ``against`` adds other artifacts
+    (a pruned and an unpruned build, say), timed the same way, with a speed ratio to the artifact.
     """
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
@@ -398,7 +432,7 @@ def bench_decoder(
         )
     if runs < 1 or new_tokens < 1:
         raise ModelError(f"runs and new tokens must be >= 1, got {runs} and {new_tokens}")
-    found, skipped = candidates(artifact_dir, manifest, baselines)
+    found, skipped = candidates(artifact_dir, manifest, baselines, against, threads)
     tokenizer = artifact_tokenizer(artifact_dir, manifest)
     prompt = bench_prompt(tokenizer, decoder.vocab_size, prompt_len)
     greedy = SamplingConfig()
@@ -471,15 +505,20 @@ def bench_decoder(
         "settings": settings,
         "reference": reference_name,
         "prompt_tokens": prompt,
-        "machine": machine_info() | {"threads": _threads(manifest), "peak_rss_mb": _process_peak_mb()},
+        "machine": machine_info()
+        | {"threads": threads or _threads(manifest), "peak_rss_mb": _process_peak_mb()},
         "results": rows,
         "skipped": skipped,
     }
 
 
 def _add_ratios(rows: list[dict[str, Any]], metric: str, *, higher_is_better: bool) -> None:
+    """``x_<base>`` per row: its speed over a baseline's, and over the artifact's when others are compared."""
     by_name = {row["name"]: row for row in rows}
-    for base in BASELINES:
+    bases = (
+        [*BASELINES, ARTIFACT] if any(r["name"] not in (*BASELINES, ARTIFACT) for r in rows) else BASELINES
+    )
+    for base in bases:
         if base not in by_name or not by_name[base].get(metric):
             continue
         for row in rows:
@@ -536,6 +575,8 @@ def bench_encoder(
     seq_len: int = 128,
     runs: int = 5,
     warmup: int = 1,
+    against: Sequence[Path] = (),
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Latency per batch of a feature-extraction artifact and its baselines (runs interleaved), and the
     cosine of each one's mean-pooled embedding to the reference's."""
@@ -544,7 +585,7 @@ def bench_encoder(
     if runs < 1 or not batch_sizes:
         raise ModelError("runs must be >= 1 and at least one batch size is needed")
     vocab = int(_asset_json(artifact_dir, manifest, "config.json").get("vocab_size", 1000))
-    found, skipped = candidates(artifact_dir, manifest, baselines)
+    found, skipped = candidates(artifact_dir, manifest, baselines, against, threads)
     feeds = {b: encoder_feeds(b, seq_len, vocab) for b in batch_sizes}
     loaded = load_all(found, lambda run: [run(f) for f in feeds.values() for _ in range(warmup)])
     times: dict[tuple[str, int], list[float]] = {(i.candidate.name, b): [] for i in loaded for b in feeds}
@@ -577,7 +618,8 @@ def bench_encoder(
         "artifact": str(artifact_dir),
         "settings": {"batch_sizes": list(batch_sizes), "seq_len": seq_len, "runs": runs, "warmup": warmup},
         "reference": reference_name,
-        "machine": machine_info() | {"threads": _threads(manifest), "peak_rss_mb": _process_peak_mb()},
+        "machine": machine_info()
+        | {"threads": threads or _threads(manifest), "peak_rss_mb": _process_peak_mb()},
         "results": rows,
         "skipped": skipped,
     }
@@ -596,9 +638,18 @@ def bench_artifact(artifact_dir: Path, **options: Any) -> dict[str, Any]:
     encoders and the other way round."""
     manifest = read_manifest(Path(artifact_dir))
     task = manifest.get("task")
-    decoder_keys = {"baselines", "prompt_len", "new_tokens", "runs", "warmup", "accuracy"}
+    decoder_keys = {
+        "baselines",
+        "prompt_len",
+        "new_tokens",
+        "runs",
+        "warmup",
+        "accuracy",
+        "against",
+        "threads",
+    }
     decoder_keys |= {"perplexity_tokens", "perplexity_window"}
-    encoder_keys = {"baselines", "batch_sizes", "seq_len", "runs", "warmup"}
+    encoder_keys = {"baselines", "batch_sizes", "seq_len", "runs", "warmup", "against", "threads"}
     if task == "text-generation":
         return bench_decoder(artifact_dir, **{k: v for k, v in options.items() if k in decoder_keys})
     if task == "feature-extraction":
@@ -620,7 +671,7 @@ def _tokens_cell(row: dict[str, Any], reference: str) -> str | None:
 def markdown_table(result: dict[str, Any]) -> str:
     """The result as a markdown table, with the machine and settings underneath."""
     rows = result["results"]
-    ratios = [f"x_{b}" for b in BASELINES if any(f"x_{b}" in r for r in rows)]
+    ratios = [f"x_{b}" for b in (*BASELINES, ARTIFACT) if any(f"x_{b}" in r for r in rows)]
     if result["kind"] == "decoder":
         s = result["settings"]
         acc = s.get("accuracy") or {}

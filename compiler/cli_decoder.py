@@ -89,14 +89,22 @@ def register(app: typer.Typer) -> None:
         no_accuracy: bool = typer.Option(
             False, "--no-accuracy", help="Decoders: skip token agreement and perplexity (extra decode steps)."
         ),
+        threads: int = typer.Option(
+            None, "--threads", help="Intra-op threads of every candidate (default: the artifact's)."
+        ),
+        against: list[Path] = typer.Option(
+            None, "--against", "-a", help="Another artifact timed side by side (repeat the option)."
+        ),
     ) -> None:
-        """Time an artifact beside PyTorch eager and the plain ONNX export, in this one process."""
+        """Time an artifact beside PyTorch eager, the plain ONNX export and other artifacts, in this one process."""
         from llmc.bench import BASELINES, bench_artifact, markdown_table
 
         baselines = [] if no_baselines else list(baseline or BASELINES)
         options: dict = {"baselines": baselines, "runs": runs, "warmup": warmup}
         options |= {"prompt_len": prompt_len, "new_tokens": new_tokens, "seq_len": seq_len}
         options["accuracy"] = not no_accuracy
+        options["against"] = list(against or [])
+        options["threads"] = threads
         if batch:
             options["batch_sizes"] = list(batch)
         with err_console.status("benchmarking…"):

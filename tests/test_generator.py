@@ -186,6 +186,30 @@ def test_bench_decoder_side_by_side():
     json.dumps(result)
 
 
+def test_bench_against_another_artifact_times_both_with_a_ratio(tmp_path):
+    other = shutil.copytree(tiny_artifact("llama"), tmp_path / "llama-copy")
+    result = bench.bench_decoder(
+        tiny_artifact("llama"),
+        baselines=["onnx-plain"],
+        against=[other],
+        prompt_len=8,
+        new_tokens=4,
+        runs=2,
+        threads=1,
+    )
+    assert result["machine"]["threads"] == 1
+    names = [row["name"] for row in result["results"]]
+    assert names == ["onnx-plain", "llmc", "llama-copy"]
+    copy_row = result["results"][2]
+    assert copy_row["x_llmc"] > 0 and copy_row["greedy_identical"] and copy_row["size_mb"] > 0
+    assert copy_row["tokens_agree"] == copy_row["tokens_total"]  # the same model: every token agrees
+    assert "decode × llmc" in bench.markdown_table(result)
+    with pytest.raises(ModelError, match="feature-extraction"):
+        bench.bench_decoder(
+            tiny_artifact("llama"), baselines=[], against=[tiny_artifact("bert")], prompt_len=8, new_tokens=4
+        )
+
+
 def test_bench_accuracy_without_baselines_and_turned_off():
     artifact = tiny_artifact("llama")
     alone = bench.bench_decoder(

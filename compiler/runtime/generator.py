@@ -340,11 +340,12 @@ class TorchGenerator(DecoderLoop):
 
 
 # -- artifacts -------------------------------------------------------------------------------------------
-def load_artifact_runner(artifact_dir: Path) -> tuple[Runner, dict[str, Any]]:
-    """The runner an artifact's target builds (session settings from its manifest), and the manifest."""
+def load_artifact_runner(artifact_dir: Path, threads: int | None = None) -> tuple[Runner, dict[str, Any]]:
+    """The runner an artifact's target builds (session settings from its manifest, ``threads`` overriding
+    its intra-op threads), and the manifest."""
     from llmc.runtime.artifact import load_artifact
 
-    return load_artifact(artifact_dir)
+    return load_artifact(artifact_dir, intra_op_threads=threads)
 
 
 def artifact_assets(artifact_dir: Path, manifest: dict[str, Any]) -> dict[str, Path]:
