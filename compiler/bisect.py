@@ -168,7 +168,13 @@ class _Session:
         try:
             with graph_runner(graph, level) as runner:
                 if self.imported.task == "text-generation" and self.imported.decoder is not None:
-                    golden = verify_decoder(self.spec, self.imported, self.reference_path, runner)
+                    golden = verify_decoder(
+                        self.spec,
+                        self.imported,
+                        self.reference_path,
+                        runner,
+                        candidate_decoder=self.imported.decoder.matching(graph),
+                    )
                 else:
                     golden = verify_artifact(self.spec, self.reference_path, runner)
             passed, metric = golden.passed, key_metric(golden)

@@ -531,6 +531,8 @@ def analyze(
             on_pass_start=lambda p, i: progress("pass", {"name": p.name, "index": i}),
         ).run(imported.graph)
         progress("reference", {})
+        if imported.decoder is not None:  # the prefix may have dropped layers or kv heads
+            imported.decoder = imported.decoder.matching(imported.graph)
         evaluator = make_evaluator(spec, imported, imported.graph, samples=samples, tokens=tokens)
         report = measure(
             imported.graph,

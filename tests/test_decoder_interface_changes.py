@@ -44,3 +44,27 @@ def test_kv_group_pruning_changes_the_artifacts_decoder_spec(tmp_path):
     generator = load_artifact_generator(result.out_dir)
     tokens = generator.generate("w5 w6 w7", max_new_tokens=4, stop_at_eos=False).tokens
     assert len(tokens) == 4
+
+
+def test_decoder_spec_matching_reads_layers_and_kv_heads_off_a_pruned_graph():
+    import copy
+
+    from fixtures_frontends.tiny import tiny_import
+
+    from llmc.pass_manager import PassContext, PassManager, Pipeline
+
+    imported = tiny_import("llama")
+    graph = copy.deepcopy(imported.graph)
+    steps = [
+        {"upgrade-opset": {"version": 24}},
+        "fold-weight-transposes",
+        "fold-constants",
+        {"prune-structured": {"drop_layers": [0]}},
+        {"prune-structured": {"heads": {1: [0]}, "head_mode": "group"}},
+    ]
+    ctx = PassContext(data={"decoder": imported.decoder})
+    PassManager(Pipeline.parse(steps), ctx=ctx).run(graph)
+    matched = imported.decoder.matching(graph)
+    assert (matched.num_layers, matched.num_kv_heads) == (1, 1)
+    assert ctx.data["decoder"] == matched  # what the pass manager followed from the passes' details
+    assert imported.decoder.matching(imported.graph) == imported.decoder

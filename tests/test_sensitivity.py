@@ -234,3 +234,16 @@ def test_cli_bad_input_exits_2(tmp_path: Path, capsys, pipeline: str, args: list
     result = run_cli(capsys, "sensitivity", spec, *args)
     assert result.code == 2
     assert message in result.err + result.out
+
+
+def test_sensitivity_after_a_pass_that_dropped_a_layer(tmp_path: Path, fragile_llama) -> None:
+    """prune-structured drops layer 0 before the quantization pass: the evaluator feeds the one layer's cache
+    (the DecoderSpec read off the pruned graph) and the ranking has that layer only."""
+    spec_path = decoder_spec(tmp_path)
+    text = spec_path.read_text().replace(
+        "  - fold-constants\n", "  - fold-constants\n  - prune-structured: {drop_layers: [0]}\n"
+    )
+    spec_path.write_text(text)
+    report = analyze(load_spec(spec_path), by="layer")
+    assert [g.name for g in report.groups] == ["model.layers.1"]
+    assert report.groups[0].value > 0

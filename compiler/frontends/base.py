@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,19 @@ class DecoderSpec:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DecoderSpec:
         return cls(**data)
+
+    def matching(self, graph: Graph) -> DecoderSpec:
+        """This spec with ``num_layers`` and ``num_kv_heads`` read off ``graph``'s past-key inputs, for a graph
+        that a pass made smaller (dropped layers, removed kv heads); unchanged where the graph does not say."""
+        layers = 0
+        while self.past_key.format(i=layers) in graph.inputs:
+            layers += 1
+        if layers == 0:
+            return self
+        info = graph.value_info(self.past_key.format(i=0))
+        shape = info.shape if info is not None else None
+        heads = shape[1] if shape is not None and len(shape) == 4 and isinstance(shape[1], int) else None
+        return replace(self, num_layers=layers, num_kv_heads=heads or self.num_kv_heads)
 
 
 @dataclass
