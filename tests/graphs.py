@@ -21,6 +21,9 @@ from onnx import TensorProto, helper, numpy_helper
 from llmc.ir import Graph, from_onnx, to_onnx, to_text
 
 EXPECTED_DIR = Path(__file__).parent / "expected"
+# an exported decoder's cleanup and fusion prefix (specs/smollm2-int4-cpu.yaml's, without logits-last-token)
+DECODER_CLEANUP = [{"upgrade-opset": {"version": 24}}, "fold-weight-transposes", "fold-constants"]
+DECODER_FUSION = ["fuse-rms-norm", "fuse-silu-gate", "fuse-rotary", "fuse-attention", "merge-qkv"]
 DEFAULT_OPSET = 21
 # Sizes chosen for symbolic dims when a test does not say (small: every run stays in milliseconds).
 DEFAULT_DIM = 3

@@ -1,10 +1,11 @@
-"""A pass that changes a decoder's interface (structured pruning of whole kv groups) reaches the artifact:
+"""A pass that changes a decoder's interface (structured pruning of whole kv groups or layers) reaches the artifact:
 the manifest's DecoderSpec and the generator that verifies the candidate use the pruned cache shape."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from fixtures_frontends.tiny import tiny_folder
 
 from llmc.driver import compile_spec
@@ -22,7 +23,7 @@ pipeline:
   - fuse-rotary
   - fuse-attention
   - merge-qkv
-  - prune-structured: {{head_ratio: 0.5, head_mode: group, multiple_of: 1}}
+  - prune-structured: {prune}
   - eliminate-dead-code
 calibration: {{prompts: ["w5 w6 w7 w8 w9 w10", "w11 w12 w13 w14"]}}
 verify:
@@ -35,12 +36,19 @@ output: {{dir: out}}
 """
 
 
-def test_kv_group_pruning_changes_the_artifacts_decoder_spec(tmp_path):
+@pytest.mark.parametrize(
+    ("prune", "field", "value"),
+    [
+        ("{{head_ratio: 0.5, head_mode: group, multiple_of: 1}}", "num_kv_heads", 1),  # 2 kv groups, half go
+        ("{{drop_layers: [1]}}", "num_layers", 1),  # 2 layers, one goes
+    ],
+)
+def test_pruning_changes_the_artifacts_decoder_spec(tmp_path, prune, field, value):
     path = tmp_path / "spec.yaml"
-    path.write_text(SPEC.format(folder=tiny_folder("llama")))
+    path.write_text(SPEC.format(folder=tiny_folder("llama"), prune=prune.format()))
     result = compile_spec(load_spec(path), force=True)
     manifest = json.loads((result.out_dir / "manifest.json").read_text())
-    assert manifest["decoder"]["num_kv_heads"] == 1  # tiny llama: 2 kv groups, half removed
+    assert manifest["decoder"][field] == value
     generator = load_artifact_generator(result.out_dir)
     tokens = generator.generate("w5 w6 w7", max_new_tokens=4, stop_at_eos=False).tokens
     assert len(tokens) == 4

@@ -9,7 +9,6 @@ the KV cache is renumbered after the DecoderSpec, and that generation runs with 
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 import onnxruntime as ort
@@ -166,22 +165,13 @@ def test_a_graph_without_layer_weights_is_refused():
 
 # -- the tiny LLaMA export ------------------------------------------------------------------------------
 pytest.importorskip("transformers")
-from fixtures_frontends.tiny import VOCAB, tiny_folder, tiny_import  # noqa: E402
+from fixtures_frontends.tiny import VOCAB, tiny_import  # noqa: E402
+from graphs import DECODER_CLEANUP, DECODER_FUSION  # noqa: E402
 
 from llmc.runtime.generator import Generator  # noqa: E402
 from llmc.runtime.runner import OrtRunner  # noqa: E402
 
-FUSION = [
-    {"upgrade-opset": {"version": 24}},
-    "fold-weight-transposes",
-    "fold-constants",
-    "fuse-rms-norm",
-    "fuse-silu-gate",
-    "fuse-rotary",
-    "fuse-attention",
-    "merge-qkv",
-    "eliminate-dead-code",
-]
+FUSION = [*DECODER_CLEANUP, *DECODER_FUSION, "eliminate-dead-code"]
 QUANTIZE = {
     "quantize-weights": {"bits": 4, "block_size": 32, "offset": True}
 }  # DequantizeLinear + offset term
@@ -304,35 +294,3 @@ def test_excluded_layers_are_not_dropped_by_layer_ratio():
 def test_bad_layer_choices_are_pass_errors(options, message):
     with pytest.raises(PassError, match=message):
         _prune(_llama("unfused", {}), options, calibrate=True)
-
-
-SPEC = """
-model: {{source: hf, path: {folder}, task: text-generation}}
-pipeline:
-{fusion}
-  - prune-structured: {{drop_layers: [1]}}
-  - eliminate-dead-code
-verify:
-  prompts: ["w5 w6 w7"]
-  new_tokens: 4
-  min_token_agreement: 0.0
-  perplexity_tokens: 0
-  tolerances: {{max_abs: 1.0e+6, max_rel: 1.0e+6, cosine: -1.0}}
-output: {{dir: out}}
-"""
-
-
-def test_drop_layers_in_a_spec_reaches_the_artifacts_decoder_spec(tmp_path):
-    from llmc.driver import compile_spec
-    from llmc.runtime.generator import load_artifact_generator
-    from llmc.spec import load_spec
-
-    fusion = "\n".join(f"  - {json.dumps(item)}" for item in FUSION)
-    path = tmp_path / "spec.yaml"
-    path.write_text(SPEC.format(folder=tiny_folder("llama"), fusion=fusion))
-    result = compile_spec(load_spec(path), force=True)
-    manifest = json.loads((result.out_dir / "manifest.json").read_text())
-    assert manifest["decoder"]["num_layers"] == 1
-    generator = load_artifact_generator(result.out_dir)
-    assert generator.runner.inputs[-1].name == "past_key_values.0.value"
-    assert len(generator.generate("w5 w6 w7", max_new_tokens=4, stop_at_eos=False).tokens) == 4

@@ -12,13 +12,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from fixtures_frontends.tiny import tiny_import
+from graphs import DECODER_CLEANUP, DECODER_FUSION
 
 from llmc.errors import PassError
 from llmc.ir import Graph, to_onnx
 from llmc.pass_manager import PassContext, PassManager, Pipeline
 
-CLEAN = [{"upgrade-opset": {"version": 24}}, "fold-weight-transposes", "fold-constants"]
-FUSE = ["fuse-rms-norm", "fuse-silu-gate", "fuse-rotary", "fuse-attention", "merge-qkv"]
+CLEAN, FUSE = DECODER_CLEANUP, DECODER_FUSION
 
 
 @pytest.fixture(scope="module")

@@ -206,6 +206,18 @@ def _head_path(graph: Graph, node: Node, slot: int, live: set[int]) -> HeadPath:
     return HeadPath(source, reshape, heads_values, rotary)
 
 
+def output_projection(graph: Graph, out: str, live: set[int]) -> tuple[Node, Node, Node]:
+    """``MatMul(Reshape(Transpose[0,2,1,3](out)), W_o)``: the Transpose, Reshape and o_proj after attention."""
+    transpose = sole_consumer(graph, out, "Transpose", live)
+    if list(transpose.attr("perm") or []) != [0, 2, 1, 3]:
+        raise SiteError(f"{transpose.label}: the attention output is not transposed back with [0,2,1,3]")
+    reshape = sole_consumer(graph, transpose.outputs[0], "Reshape", live)
+    o_proj = sole_consumer(graph, reshape.outputs[0], "MatMul", live)
+    if const_weight(graph, o_proj) is None or o_proj.input(0) != reshape.outputs[0]:
+        raise SiteError(f"{o_proj.label}: the output projection has no constant weight")
+    return transpose, reshape, o_proj
+
+
 def attention_site(graph: Graph, node: Node, fallback: int, live: set[int]) -> AttentionSite:
     shape = graph.shape(node.input(0))
     if shape is None or len(shape) != 4:
@@ -219,13 +231,7 @@ def attention_site(graph: Graph, node: Node, fallback: int, live: set[int]) -> A
     if q.source.width != q_heads * head_dim or k.source.width != kv_heads * head_dim:
         raise SiteError(f"{node.label}: projection widths do not match {q_heads}/{kv_heads} heads")
     out = node.outputs[0]
-    transpose = sole_consumer(graph, out, "Transpose", live)
-    if list(transpose.attr("perm") or []) != [0, 2, 1, 3]:
-        raise SiteError(f"{transpose.label}: the Attention output is not transposed back with [0,2,1,3]")
-    reshape = sole_consumer(graph, transpose.outputs[0], "Reshape", live)
-    o_proj = sole_consumer(graph, reshape.outputs[0], "MatMul", live)
-    if const_weight(graph, o_proj) is None or o_proj.input(0) != reshape.outputs[0]:
-        raise SiteError(f"{o_proj.label}: the output projection has no constant weight")
+    transpose, reshape, o_proj = output_projection(graph, out, live)
     cache = [v for v in (node.input(4), node.input(5), *node.outputs[1:3]) if v]
     index, name = layer_name(o_proj.inputs[1], fallback)
     return AttentionSite(

@@ -18,7 +18,7 @@ from __future__ import annotations
 from llmc.ir import Graph, Node
 from llmc.passes.fusion._sdpa import Repeat, SdpaSite, trace_sdpa
 
-from ._sites import AttentionSite, HeadPath, SiteError, const_weight, layer_name, sole_consumer, trace_source
+from ._sites import AttentionSite, HeadPath, SiteError, layer_name, output_projection, trace_source
 
 # ops that keep a [B, H, S, D] value's head axis where it is (rotary, scaling, masking, softmax, the guard)
 _HEAD_PRESERVING = {
@@ -98,13 +98,7 @@ def _site(graph: Graph, sdpa: SdpaSite, fallback: int, live: set[int]) -> Attent
     k, k_chain = _projection(graph, sdpa.key, "key", label)
     v, v_chain = _projection(graph, sdpa.value, "value", label)
     out = sdpa.root.outputs[0]
-    transpose = sole_consumer(graph, out, "Transpose", live)
-    if list(transpose.attr("perm") or []) != [0, 2, 1, 3]:
-        raise SiteError(f"{transpose.label}: the attention output is not transposed back with [0,2,1,3]")
-    reshape = sole_consumer(graph, transpose.outputs[0], "Reshape", live)
-    o_proj = sole_consumer(graph, reshape.outputs[0], "MatMul", live)
-    if const_weight(graph, o_proj) is None or o_proj.input(0) != reshape.outputs[0]:
-        raise SiteError(f"{o_proj.label}: the output projection has no constant weight")
+    transpose, reshape, o_proj = output_projection(graph, out, live)
     head_dim = q.source.width // sdpa.q_heads
     if q.source.width != sdpa.q_heads * head_dim or k.source.width != sdpa.kv_heads * head_dim:
         raise SiteError(f"{label}: projection widths do not match {sdpa.q_heads}/{sdpa.kv_heads} heads")
