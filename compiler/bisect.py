@@ -28,11 +28,11 @@ from llmc.frontends import ImportedModel
 from llmc.golden import GoldenReport
 from llmc.ir import Graph, clone, save_model
 from llmc.pass_manager import PassContext, PassManager, Pipeline
+from llmc.runtime.graph_session import graph_runner
 from llmc.sensitivity import (
     GROUPINGS,
     Progress,
     SensitivityReport,
-    graph_runner,
     is_selective,
     make_evaluator,
     measure,

@@ -7,8 +7,8 @@ for other models. The driver puts the result into ``PassContext.data["calibratio
 
 ``activations`` runs the graph *as it is at that point of the pipeline* in onnxruntime, with the values
 a pass asks for added as graph outputs, and yields them feed by feed (a pass accumulates statistics such as
-XᵀX without holding every activation). onnxruntime does the running; the only hand-written part is adding
-outputs to a copy of the model, which no library does for an in-memory IR.
+XᵀX without holding every activation). onnxruntime does the running, on the in-memory session of
+``llmc.runtime.graph_session`` (weights read in place, not serialized).
 """
 
 from __future__ import annotations
@@ -158,31 +158,16 @@ def _check_shape(sig: Any, value: np.ndarray, label: str, where: Any) -> None:
 def activations(
     graph: Any, names: Sequence[str], feeds: Sequence[dict[str, np.ndarray]]
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Per feed, the values ``names`` of ``graph`` computed by onnxruntime (fp32 kernels, no fusions)."""
-    import onnx
-    import onnxruntime as ort
-
-    from llmc.ir import to_onnx
+    """Per feed, the values ``names`` of ``graph`` computed by onnxruntime (fp32 kernels, basic fusions only),
+    on a session that reads the graph's weights in place (``llmc.runtime.graph_session``)."""
+    from llmc.runtime.graph_session import graph_runner
 
     names = list(dict.fromkeys(names))
-    model = to_onnx(graph)
-    existing = {o.name for o in model.graph.output}
-    for name in names:
-        if name in existing:
-            continue
-        info = graph.value_info(name)
-        elem = info.dtype if info and info.dtype else onnx.TensorProto.FLOAT
-        model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    del model
-    declared = {i.name: i.shape for i in session.get_inputs()}
-    for feed in feeds:
-        fitted = {k: _fit_empty(v, declared[k]) for k, v in feed.items() if k in declared}
-        values = session.run(list(names), fitted)
-        yield dict(zip(names, values, strict=True))
+    with graph_runner(graph, "basic", extra_outputs=names) as runner:
+        declared = {sig.name: sig.shape or () for sig in runner.inputs}
+        for feed in feeds:
+            fitted = {k: _fit_empty(v, list(declared[k])) for k, v in feed.items() if k in declared}
+            yield runner.run(fitted, names)
 
 
 def _fit_empty(value: np.ndarray, shape: list) -> np.ndarray:

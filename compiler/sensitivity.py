@@ -21,8 +21,7 @@ import glob
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from llmc.errors import SpecError
 from llmc.frontends import ImportedModel
 from llmc.ir import Graph, clone
 from llmc.pass_manager import Pass, PassContext, PassManager, Pipeline
+from llmc.runtime.graph_session import graph_runner
 from llmc.runtime.runner import Runner
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -178,94 +178,6 @@ def group_globs(key: str, members: Sequence[str], universe: Sequence[str], by: s
         if matched == wanted:
             return patterns
     return exact(members)
-
-
-# -- running a graph in onnxruntime ----------------------------------------------------------------------
-class GraphRunner:
-    """An onnxruntime session over an in-memory IR graph, with OrtRunner's interface (``inputs``,
-    ``outputs``, ``last_token_outputs``, ``run``).
-
-    The weights are not serialized: the model bytes carry them as external data and the session reads the
-    IR's numpy arrays in place (``add_external_initializers``), so that building one session per group of a
-    500 MB model costs no copy and no disk. Node names are numbered (onnxruntime wants them unique).
-    """
-
-    def __init__(self, graph: Graph, level: str = "basic") -> None:
-        import onnxruntime as ort
-
-        from llmc.ir import to_onnx
-        from llmc.ir.weights import array_to_tensor
-        from llmc.runtime.runner import tensor_sig  # NodeArg -> TensorSig, as OrtRunner reads them
-
-        proto = to_onnx(graph, weights="external", elide_above=_IN_PLACE_BYTES - 1)
-        # onnxruntime drops unused initializers before it takes the external ones (dead weights a pipeline
-        # leaves for a later cleanup pass): leave them out
-        for k in reversed(range(len(proto.graph.initializer))):
-            if not graph.is_used(proto.graph.initializer[k].name):
-                del proto.graph.initializer[k]
-        names, values = [], []
-        for k, tensor in enumerate(proto.graph.initializer):
-            if tensor.data_location != tensor.EXTERNAL:
-                continue
-            array = np.ascontiguousarray(graph.initializers[tensor.name])
-            if array.dtype.name not in _IN_PLACE_TYPES:  # bfloat16 & co: no OrtValue from numpy, inline them
-                proto.graph.initializer[k].CopyFrom(array_to_tensor(tensor.name, array))
-                continue
-            names.append(tensor.name)
-            values.append(ort.OrtValue.ortvalue_from_numpy(array))  # shares the array's memory
-        for i, node in enumerate(proto.graph.node):
-            node.name = f"n{i}"
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
-        options.add_external_initializers(names, values)
-        self._values = values  # the session reads them: keep them alive as long as it
-        self.session = ort.InferenceSession(
-            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
-        del proto
-
-        self.inputs = [tensor_sig(a) for a in self.session.get_inputs()]
-        self.outputs = [tensor_sig(a) for a in self.session.get_outputs()]
-        last = graph.metadata_props.get("llmc.last_token_outputs", "")
-        self.last_token_outputs = [n for n in last.split(",") if n]
-
-    def run(
-        self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None
-    ) -> dict[str, np.ndarray]:
-        names = list(outputs) if outputs is not None else [o.name for o in self.outputs]
-        return dict(zip(names, self.session.run(names, feeds), strict=True))
-
-
-_IN_PLACE_BYTES = 1 << 16
-_IN_PLACE_TYPES = {
-    "float32",
-    "float16",
-    "float64",
-    "int8",
-    "uint8",
-    "int16",
-    "uint16",
-    "int32",
-    "int64",
-    "bool",
-}
-_LEVELS = {
-    "disable": "ORT_DISABLE_ALL",
-    "basic": "ORT_ENABLE_BASIC",
-    "extended": "ORT_ENABLE_EXTENDED",
-    "all": "ORT_ENABLE_ALL",
-}
-
-
-@contextmanager
-def graph_runner(graph: Graph, level: str = "basic") -> Iterator[GraphRunner]:
-    """A GraphRunner over ``graph`` whose session is released when the block ends."""
-    runner = GraphRunner(graph, level)
-    try:
-        yield runner
-    finally:
-        del runner.session
 
 
 def position_logits(runner: Runner, decoder: Any, ids: np.ndarray) -> np.ndarray:

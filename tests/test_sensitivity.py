@@ -15,10 +15,10 @@ from clitools import run_cli
 from llmc.golden import make_inputs
 from llmc.ir import load_model, to_onnx
 from llmc.pass_manager import run_pipeline
+from llmc.runtime.graph_session import graph_runner
 from llmc.runtime.runner import OrtRunner
 from llmc.sensitivity import (
     analyze,
-    graph_runner,
     group_globs,
     group_weights,
     layer_prefix,

@@ -56,7 +56,47 @@ def tensor_sig(arg: ort.NodeArg) -> TensorSig:
     return TensorSig(arg.name, _ORT_TYPES.get(arg.type, arg.type), shape)
 
 
-class OrtRunner:
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session_options(
+    level: str = "all", intra_op_threads: int | None = None, config: dict[str, str] | None = None
+) -> ort.SessionOptions:
+    """onnxruntime session options: optimization level by name, threads, config entries; warnings muted."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = _LEVELS[level]
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
+    return options
+
+
+class SessionRunner:
+    """The Runner interface over an onnxruntime session: inputs and outputs as TensorSigs, the outputs
+    computed for the last sequence position only (the logits-last-token pass), ``run``."""
+
+    def __init__(self, session: ort.InferenceSession, last_token_outputs: Sequence[str]) -> None:
+        self.session = session
+        self.inputs = [tensor_sig(a) for a in session.get_inputs()]
+        self.outputs = [tensor_sig(a) for a in session.get_outputs()]
+        self.last_token_outputs = [n for n in last_token_outputs if n]
+
+    def run(
+        self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        names = list(outputs) if outputs is not None else [o.name for o in self.outputs]
+        values = self.session.run(names, feeds)
+        return dict(zip(names, values, strict=True))
+
+
+class OrtRunner(SessionRunner):
     """onnxruntime InferenceSession over a model file."""
 
     def __init__(
@@ -68,29 +108,8 @@ class OrtRunner:
         graph_optimization_level: str = "all",
         extra_session_config: dict[str, str] | None = None,
     ) -> None:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[graph_optimization_level]
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
-        for key, value in (extra_session_config or {}).items():
-            options.add_session_config_entry(key, value)
+        options = session_options(graph_optimization_level, intra_op_threads, extra_session_config)
         self.model_path = Path(model_path)
-        self.session = ort.InferenceSession(os.fspath(model_path), options, providers=list(providers))
-        self.inputs = [tensor_sig(a) for a in self.session.get_inputs()]
-        self.outputs = [tensor_sig(a) for a in self.session.get_outputs()]
-        meta = self.session.get_modelmeta().custom_metadata_map
-        # Outputs computed for the last sequence position only (the logits-last-token pass).
-        self.last_token_outputs = [n for n in meta.get("llmc.last_token_outputs", "").split(",") if n]
-
-    def run(
-        self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None
-    ) -> dict[str, np.ndarray]:
-        names = list(outputs) if outputs is not None else [o.name for o in self.outputs]
-        values = self.session.run(names, feeds)
-        return dict(zip(names, values, strict=True))
+        session = ort.InferenceSession(os.fspath(model_path), options, providers=list(providers))
+        meta = session.get_modelmeta().custom_metadata_map
+        super().__init__(session, meta.get("llmc.last_token_outputs", "").split(","))
