@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 import onnxruntime as ort
 import pytest
+from graphs import check_golden
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from llmc.calibration import CalibrationSet, decoder_feeds
@@ -101,7 +102,7 @@ def _session(graph: Graph) -> ort.InferenceSession:
     )
 
 
-def test_bias_residual_layers_are_found_and_an_identity_layer_drops_exactly():
+def test_bias_residual_layers_are_found_and_an_identity_layer_drops_exactly(request):
     ws = [_stack_weights(0), _stack_weights(1, scale=0.0), _stack_weights(2)]  # layer 1 adds zero
     graph = _stack(ws)
     feeds = {"x": np.random.default_rng(3).standard_normal((1, S, H)).astype(np.float32)}
@@ -119,6 +120,7 @@ def test_bias_residual_layers_are_found_and_an_identity_layer_drops_exactly():
     assert saved == sum(a.nbytes for a in ws[1].values())
     assert not any(name.startswith("model.layers.1.") for name in graph.initializers)
     np.testing.assert_allclose(_session(graph).run(None, feeds)[0], expected, rtol=1e-6, atol=1e-6)
+    check_golden(request, graph, "prune/drop_layer.onnxtxt")
 
 
 def test_dead_nodes_neither_stop_the_search_nor_count_as_saved():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+from graphs import check_golden
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from llmc.calibration import CalibrationSet
@@ -200,7 +201,7 @@ def test_group_mode_removes_a_kv_head_with_its_queries_and_the_cache_shrinks():
     np.testing.assert_allclose(value, expected[2][:, :1], rtol=1e-6, atol=1e-6)
 
 
-def test_explicit_lists_equal_the_hand_built_smaller_layer():
+def test_explicit_lists_equal_the_hand_built_smaller_layer(request):
     w = _weights(seed=3)
     graph, feeds = _layer(w), _feeds()
     record = _prune(graph, {"channels": {0: [2, 3, 7]}, "heads": {0: [0, 2]}})
@@ -217,6 +218,7 @@ def test_explicit_lists_equal_the_hand_built_smaller_layer():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # every edited shape is consistent: the verifier ran, and shape inference agrees with the recorded shapes
     assert graph.shape("attn_flat0")[-1] == 2 * D and graph.shape("gated0")[-1] == 5
+    check_golden(request, graph, "prune/structured_channels_and_heads.onnxtxt")
 
 
 def test_no_options_change_nothing():
