@@ -20,22 +20,10 @@ from llmc.passes.fusion._sdpa import Repeat, SdpaSite, trace_sdpa
 
 from ._sites import AttentionSite, HeadPath, SiteError, layer_name, output_projection, trace_source
 
-# ops that keep a [B, H, S, D] value's head axis where it is (rotary, scaling, masking, softmax, the guard)
-_HEAD_PRESERVING = {
-    "Add", "Sub", "Mul", "Div", "Neg", "Cast", "Identity", "Slice", "Concat", "Softmax", "IsNaN", "Where",
-    "MatMul",
-}  # fmt: skip
-_ROTARY = {
-    "Add",
-    "Sub",
-    "Mul",
-    "Div",
-    "Neg",
-    "Cast",
-    "Identity",
-    "Slice",
-    "Concat",
-}  # rotate-half and scaling
+# ops that keep a [B, H, S, D] value's head axis where it is: those of rotate-half rotary and scaling, and
+# beyond q/k/v those of the scores (MatMul, softmax, the NaN guard)
+_ROTARY = {"Add", "Sub", "Mul", "Div", "Neg", "Cast", "Identity", "Slice", "Concat"}
+_HEAD_PRESERVING = _ROTARY | {"Softmax", "IsNaN", "Where", "MatMul"}
 
 
 def unfused_attention_sites(graph: Graph, live: set[int]) -> list[AttentionSite]:
