@@ -7,7 +7,6 @@ and failure reproducers live outside the artifact so that a failed run still lea
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -132,7 +131,7 @@ def compile_spec(
             shutil.rmtree(failure_dir, ignore_errors=True)
         timings["pipeline"] = time.perf_counter() - t0
         after = summarize(graph)
-        decoder = compiled_decoder(imported.decoder, report)
+        decoder = manager.ctx.data["decoder"]  # as the passes left it (dropped layers, fewer kv heads)
 
         result = CompileResult(out_dir, before, after, report, timings=timings, dumps=dump_dir)
         names = spec.target_names()
@@ -253,17 +252,6 @@ def verify_artifact(spec: Spec, reference_path: Path, candidate) -> GoldenReport
     return compare_runners(
         reference, candidate, feeds, v.tolerances, v.per_output, task=task, min_top1=v.min_top1_agreement
     )
-
-
-def compiled_decoder(decoder: DecoderSpec | None, report: PipelineReport) -> DecoderSpec | None:
-    """The decoder's interface after the pipeline: a pass that changes it (structured pruning of whole kv
-    groups changes ``num_kv_heads``) reports the new values in ``details["decoder"]``."""
-    if decoder is None:
-        return None
-    changes: dict[str, Any] = {}
-    for record in report.records:
-        changes |= record.details.get("decoder", {}) or {}
-    return dataclasses.replace(decoder, **changes) if changes else decoder
 
 
 def verify_decoder(

@@ -443,8 +443,7 @@ def analyze(
             on_pass_start=lambda p, i: progress("pass", {"name": p.name, "index": i}),
         ).run(imported.graph)
         progress("reference", {})
-        if imported.decoder is not None:  # the prefix may have dropped layers or kv heads
-            imported.decoder = imported.decoder.matching(imported.graph)
+        imported.decoder = ctx.data["decoder"]  # as the prefix left it (dropped layers, fewer kv heads)
         evaluator = make_evaluator(spec, imported, imported.graph, samples=samples, tokens=tokens)
         report = measure(
             imported.graph,
