@@ -13,7 +13,7 @@ XᵀX without holding every activation). onnxruntime does the running, on the in
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,24 +68,33 @@ def build_calibration(spec: Any, imported: Any) -> CalibrationSet | None:
     return _array_set(spec.resolve(cal.inputs), imported.graph, cal.samples, where)
 
 
-def decoder_feeds(graph: Any, decoder: Any, ids: Sequence[int]) -> dict[str, np.ndarray]:
-    """Prefill feeds for one token window: ids, a full mask, positions 0..n-1 and an empty KV cache."""
-    from llmc.ir import onnx_dtype_to_np
-
-    n = len(ids)
-    feeds: dict[str, np.ndarray] = {"input_ids": np.asarray(ids, np.int64)[None, :]}
-    inputs = set(graph.inputs)
-    if "attention_mask" in inputs:
-        feeds["attention_mask"] = np.ones((1, n), np.int64)
-    if "position_ids" in inputs:
-        feeds["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
+def prefill_feeds(decoder: Any, ids: np.ndarray, input_dtypes: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Prefill feeds for token windows ``ids`` [batch, seq]: the ids, a full mask and positions 0..seq-1
+    (where the model has such inputs, the keys of ``input_dtypes``) and an empty KV cache whose dtype is the
+    model's (``input_dtypes``; the DecoderSpec's kv_dtype where it gives none)."""
+    batch, seq = ids.shape
+    feeds: dict[str, np.ndarray] = {"input_ids": ids}
+    if "attention_mask" in input_dtypes:
+        feeds["attention_mask"] = np.ones((batch, seq), np.int64)
+    if "position_ids" in input_dtypes:
+        feeds["position_ids"] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
     for i in range(decoder.num_layers):
         for pattern in (decoder.past_key, decoder.past_value):
             name = pattern.format(i=i)
-            info = graph.value_info(name)
-            dtype = onnx_dtype_to_np(info.dtype) if info and info.dtype else np.dtype(decoder.kv_dtype)
-            feeds[name] = np.zeros((1, decoder.num_kv_heads, 0, decoder.head_dim), dtype)
+            dtype = input_dtypes.get(name) or decoder.kv_dtype
+            feeds[name] = np.zeros((batch, decoder.num_kv_heads, 0, decoder.head_dim), dtype)
     return feeds
+
+
+def decoder_feeds(graph: Any, decoder: Any, ids: Sequence[int]) -> dict[str, np.ndarray]:
+    """``prefill_feeds`` of one token window for the IR ``graph``."""
+    from llmc.ir import onnx_dtype_to_np
+
+    dtypes = {}
+    for name in graph.inputs:
+        info = graph.value_info(name)
+        dtypes[name] = onnx_dtype_to_np(info.dtype) if info and info.dtype else None
+    return prefill_feeds(decoder, np.asarray(ids, np.int64)[None, :], dtypes)
 
 
 def _decoder_set(spec: Any, imported: Any, where: Any) -> CalibrationSet:

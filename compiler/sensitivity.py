@@ -186,34 +186,19 @@ def position_logits(runner: Runner, decoder: Any, ids: np.ndarray) -> np.ndarray
     A graph with logits for every position answers in one prefill; one with last-position logits only is
     fed teacher-forced, a token per step through the KV cache.
     """
+    from llmc.calibration import prefill_feeds
     from llmc.runtime.generator import Generator
 
     seq = ids.shape[1]
     if "logits" not in runner.last_token_outputs:
-        logits = runner.run(_prefill_feeds(runner, decoder, ids), ["logits"])["logits"]
+        feeds = prefill_feeds(decoder, ids, {sig.name: sig.dtype for sig in runner.inputs})
+        logits = runner.run(feeds, ["logits"])["logits"]
         if logits.shape[1] == seq:
             return logits.astype(np.float32)
     loop = Generator(runner, decoder)
     rows = [loop.prefill(ids[:, :1])]
     rows += [loop.step(ids[:, t]) for t in range(1, seq)]
     return np.stack(rows, axis=1).astype(np.float32)
-
-
-def _prefill_feeds(runner: Runner, decoder: Any, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Feeds for a prefill of ``ids`` [batch, seq] with an empty KV cache (inputs the graph lacks are left out)."""
-    batch, seq = ids.shape
-    inputs = {s.name: s for s in runner.inputs}
-    feeds: dict[str, np.ndarray] = {"input_ids": ids}
-    if "attention_mask" in inputs:
-        feeds["attention_mask"] = np.ones((batch, seq), np.int64)
-    if "position_ids" in inputs:
-        feeds["position_ids"] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
-    for i in range(decoder.num_layers):
-        for pattern in (decoder.past_key, decoder.past_value):
-            name = pattern.format(i=i)
-            dtype = inputs[name].dtype if name in inputs else decoder.kv_dtype
-            feeds[name] = np.zeros((batch, decoder.num_kv_heads, 0, decoder.head_dim), dtype)
-    return feeds
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
