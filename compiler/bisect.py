@@ -186,33 +186,30 @@ class _Session:
         return passed
 
 
+def _first_true(lo: int, hi: int, holds: Callable[[int], bool]) -> int:
+    """The smallest x in (lo, hi] for which ``holds`` (monotone, known true at hi, taken false at lo)."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if holds(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def first_failure(count: int, passes: Callable[[int], bool]) -> int | None:
     """The first of ``count`` prefixes for which ``passes`` is False, by binary search (the last prefix is
     checked first; the state before the first one is taken to pass). None when the last one passes."""
     if count == 0 or passes(count - 1):
         return None
-    lo, hi = -1, count - 1
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if passes(mid):
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    return _first_true(-1, count - 1, lambda k: not passes(k))
 
 
 def smallest_passing(count: int, passes: Callable[[int], bool]) -> int | None:
     """The smallest k in 1..count for which ``passes(k)``, by binary search (``count`` checked first)."""
     if count == 0 or not passes(count):
         return None
-    lo, hi = 0, count
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if passes(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return _first_true(0, count, passes)
 
 
 def run_bisect(
