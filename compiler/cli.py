@@ -306,6 +306,12 @@ def _exclude_line(globs: list[str]) -> str:
     return "exclude: " + json.dumps(globs)
 
 
+# options of the analysis commands (sensitivity, bisect)
+SamplesOption = Annotated[int, typer.Option("--samples", min=1, help="calibration windows / input samples")]
+TokensOption = Annotated[int, typer.Option("--tokens", min=2, help="decoders: tokens per window")]
+JsonOption = Annotated[Path | None, typer.Option("--json", help="also write the results to this file")]
+
+
 @app.command()
 def sensitivity(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="the YAML plan")],
@@ -314,11 +320,9 @@ def sensitivity(
     ] = None,
     by: Annotated[str, typer.Option("--by", help="group weights by layer | kind | weight")] = "layer",
     top: Annotated[int, typer.Option("--top", min=1, help="groups in the suggested exclude: line")] = 3,
-    samples: Annotated[int, typer.Option("--samples", min=1, help="calibration windows / input samples")] = 4,
-    tokens: Annotated[int, typer.Option("--tokens", min=2, help="decoders: tokens per window")] = 32,
-    json_out: Annotated[
-        Path | None, typer.Option("--json", help="also write the results to this file")
-    ] = None,
+    samples: SamplesOption = 4,
+    tokens: TokensOption = 32,
+    json_out: JsonOption = None,
 ) -> None:
     """Rank groups of weights by the error quantizing each adds (KL / top-1 for decoders, 1 - cosine else)."""
     from llmc.sensitivity import analyze
@@ -355,11 +359,9 @@ def bisect(
     by: Annotated[
         str, typer.Option("--by", help="quantization: group weights by layer | kind | weight")
     ] = "layer",
-    samples: Annotated[int, typer.Option("--samples", min=1, help="calibration windows / input samples")] = 4,
-    tokens: Annotated[int, typer.Option("--tokens", min=2, help="decoders: tokens per window")] = 32,
-    json_out: Annotated[
-        Path | None, typer.Option("--json", help="also write the results to this file")
-    ] = None,
+    samples: SamplesOption = 4,
+    tokens: TokensOption = 32,
+    json_out: JsonOption = None,
 ) -> None:
     """Find the first pass that makes the golden check fail and, for quantization, the layers to exclude.
 
