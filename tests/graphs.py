@@ -9,6 +9,7 @@ the exact ``ModelProto`` it described: nothing is sorted, renamed or completed b
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,13 @@ EXPECTED_DIR = Path(__file__).parent / "expected"
 # an exported decoder's cleanup and fusion prefix (specs/smollm2-int4-cpu.yaml's, without logits-last-token)
 DECODER_CLEANUP = [{"upgrade-opset": {"version": 24}}, "fold-weight-transposes", "fold-constants"]
 DECODER_FUSION = ["fuse-rms-norm", "fuse-silu-gate", "fuse-rotary", "fuse-attention", "merge-qkv"]
+
+
+def pipeline_yaml(steps: list) -> str:
+    """Pipeline steps as the lines of a spec's ``pipeline:`` list (JSON is YAML)."""
+    return "\n".join(f"  - {json.dumps(step)}" for step in steps)
+
+
 DEFAULT_OPSET = 21
 # Sizes chosen for symbolic dims when a test does not say (small: every run stays in milliseconds).
 DEFAULT_DIM = 3

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from graphs import DECODER_CLEANUP, DECODER_FUSION
 from onnx import TensorProto, helper, numpy_helper
 
 from llmc.ir import Graph, clone, from_onnx, to_onnx, verify
@@ -35,14 +36,8 @@ FP16_REL_TOL = 5e-3  # measured: ~1e-3 on the tiny LLaMA
 BF16_REL_TOL = 5e-2  # measured: ~1.6e-2 on the tiny LLaMA
 
 FUSION_PIPELINE = [  # smollm2-cpu.yaml's, without logits-last-token
-    {"upgrade-opset": {"version": 24}},
-    "fold-weight-transposes",
-    "fold-constants",
-    "fuse-rms-norm",
-    "fuse-silu-gate",
-    "fuse-rotary",
-    "fuse-attention",
-    "merge-qkv",
+    *DECODER_CLEANUP,
+    *DECODER_FUSION,
     {"fixpoint": ["eliminate-common-subexpressions", "eliminate-dead-code"]},
 ]
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 from fixtures_frontends.tiny import tiny_folder
+from graphs import DECODER_CLEANUP, DECODER_FUSION, pipeline_yaml
 
 from llmc.driver import compile_spec
 from llmc.runtime.generator import load_artifact_generator
@@ -15,14 +16,7 @@ from llmc.spec import load_spec
 SPEC = """
 model: {{source: hf, path: {folder}, task: text-generation}}
 pipeline:
-  - upgrade-opset: {{version: 24}}
-  - fold-weight-transposes
-  - fold-constants
-  - fuse-rms-norm
-  - fuse-silu-gate
-  - fuse-rotary
-  - fuse-attention
-  - merge-qkv
+{fusion}
   - prune-structured: {prune}
   - eliminate-dead-code
 calibration: {{prompts: ["w5 w6 w7 w8 w9 w10", "w11 w12 w13 w14"]}}
@@ -45,7 +39,8 @@ output: {{dir: out}}
 )
 def test_pruning_changes_the_artifacts_decoder_spec(tmp_path, prune, field, value):
     path = tmp_path / "spec.yaml"
-    path.write_text(SPEC.format(folder=tiny_folder("llama"), prune=prune.format()))
+    fusion = pipeline_yaml([*DECODER_CLEANUP, *DECODER_FUSION])
+    path.write_text(SPEC.format(folder=tiny_folder("llama"), fusion=fusion, prune=prune.format()))
     result = compile_spec(load_spec(path), force=True)
     manifest = json.loads((result.out_dir / "manifest.json").read_text())
     assert manifest["decoder"][field] == value

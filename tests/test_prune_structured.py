@@ -6,14 +6,13 @@ give the hand-built smaller layer, and bad options are clear, located errors."""
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
-from graphs import check_golden
+from graphs import check_golden, run_model
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from llmc.calibration import CalibrationSet
 from llmc.errors import PassError
-from llmc.ir import Graph, clone, from_onnx, to_onnx
+from llmc.ir import Graph, clone, from_onnx
 from llmc.pass_manager import PassContext, PassManager, Pipeline, make_pass
 from llmc.pass_manager.base import PassOptionsError
 
@@ -130,12 +129,7 @@ def _feeds(kv_heads: int = 2, seed: int = 1, layers: int = 1) -> dict[str, np.nd
 
 def _run(graph: Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """All outputs: y, then the present key/value of each layer."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        to_onnx(graph).SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    return session.run(None, feeds)
+    return list(run_model(graph, feeds).values())
 
 
 def _prune(graph: Graph, options: dict, feeds: list[dict[str, np.ndarray]] | None = None):

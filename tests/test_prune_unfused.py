@@ -9,13 +9,12 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from fixtures_frontends.tiny import tiny_import
-from graphs import DECODER_CLEANUP, DECODER_FUSION
+from graphs import DECODER_CLEANUP, DECODER_FUSION, run_model
 
 from llmc.errors import PassError
-from llmc.ir import Graph, to_onnx
+from llmc.ir import Graph
 from llmc.pass_manager import PassContext, PassManager, Pipeline
 
 CLEAN, FUSE = DECODER_CLEANUP, DECODER_FUSION
@@ -45,8 +44,7 @@ def _logits(graph: Graph, model, kv_heads: int) -> np.ndarray:
     for i in range(decoder.num_layers):
         for pattern in (decoder.past_key, decoder.past_value):
             feeds[pattern.format(i=i)] = np.zeros((1, kv_heads, 0, decoder.head_dim), np.float32)
-    session = ort.InferenceSession(to_onnx(graph).SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(["logits"], feeds)[0]
+    return run_model(graph, feeds)["logits"]
 
 
 @pytest.mark.parametrize(

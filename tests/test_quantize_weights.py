@@ -8,10 +8,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from clitools import run_cli
-from graphs import relu_graph
+from graphs import relu_graph, run_model
 from onnx import TensorProto, helper, numpy_helper
 
 from llmc.calibration import CalibrationSet
@@ -35,16 +34,14 @@ def _graph(k: int = 64, n: int = 96, opset: int = 21) -> Graph:
     return from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
 
 
+def _run_all(graph: Graph, x: np.ndarray) -> list[np.ndarray]:
+    # onnxruntime's own optimizations off: at "all" it fuses DequantizeLinear+MatMul into its int8-compute
+    # MatMulNBits, which would hide what the standard form computes
+    return list(run_model(graph, {"x": x}).values())
+
+
 def _run(graph: Graph, x: np.ndarray) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # basic only: at "all", onnxruntime fuses DequantizeLinear+MatMul into its own int8-compute MatMulNBits,
-    # which would hide what the standard form computes
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(
-        to_onnx(graph).SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    return session.run(None, {"x": x})[0]
+    return _run_all(graph, x)[0]
 
 
 @pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (8, True), (8, False)])
@@ -214,13 +211,7 @@ def _decoder(folded: bool = False) -> Graph:
 
 
 def _logits(graph: Graph, ids: np.ndarray) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(
-        to_onnx(graph).SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    return session.run(None, {"input_ids": ids})[0]
+    return next(iter(run_model(graph, {"input_ids": ids}).values()))
 
 
 def _restored(graph: Graph, deq) -> np.ndarray:
@@ -400,16 +391,6 @@ def _with_weights(weights: dict[str, np.ndarray], k: int = 64, n: int = 96) -> G
         [numpy_helper.from_array(w, name) for name, w in weights.items()],
     )
     return from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
-
-
-def _run_all(graph: Graph, x: np.ndarray) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(
-        to_onnx(graph).SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    return session.run(None, {"x": x})
 
 
 def test_offset_form_reproduces_a_q4_1_grid_and_legalizes_to_matmul_nbits() -> None:

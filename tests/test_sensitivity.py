@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 from bisect_passes import fragile_decoder, mlp_model
 from clitools import run_cli
+from graphs import DECODER_CLEANUP, DECODER_FUSION, pipeline_yaml
 
 from llmc.golden import make_inputs
 from llmc.ir import load_model, to_onnx
@@ -128,18 +129,15 @@ def test_graph_runner_reads_weights_in_place_and_skips_dead_ones(tmp_path: Path)
 
 
 # -- decoders ---------------------------------------------------------------------------------------------
-DECODER_PIPELINE = """
-  - upgrade-opset: {version: 24}
-  - fold-weight-transposes
-  - fold-constants
-  - fuse-rms-norm
-  - fuse-silu-gate
-  - fuse-rotary
-  - fuse-attention
-  - merge-qkv
-  - logits-last-token
-  - quantize-weights: {bits: 8}
-  - fixpoint: [eliminate-common-subexpressions, eliminate-dead-code]"""
+DECODER_PIPELINE = "\n" + pipeline_yaml(
+    [
+        *DECODER_CLEANUP,
+        *DECODER_FUSION,
+        "logits-last-token",
+        {"quantize-weights": {"bits": 8}},
+        {"fixpoint": ["eliminate-common-subexpressions", "eliminate-dead-code"]},
+    ]
+)
 CALIBRATION = (
     'calibration: {prompts: ["'
     + " ".join(f"w{(7 * i) % 90 + 3}" for i in range(24))
@@ -241,7 +239,7 @@ def test_sensitivity_after_a_pass_that_dropped_a_layer(tmp_path: Path, fragile_l
     (the DecoderSpec read off the pruned graph) and the ranking has that layer only."""
     spec_path = decoder_spec(tmp_path)
     text = spec_path.read_text().replace(
-        "  - fold-constants\n", "  - fold-constants\n  - prune-structured: {drop_layers: [0]}\n"
+        '  - "fold-constants"\n', '  - "fold-constants"\n  - prune-structured: {drop_layers: [0]}\n'
     )
     spec_path.write_text(text)
     report = analyze(load_spec(spec_path), by="layer")
