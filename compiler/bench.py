@@ -255,14 +255,9 @@ def candidates(
         other_manifest = read_manifest(other)
         if other_manifest.get("task") != task:
             raise ModelError(f"{other} is a '{other_manifest.get('task')}' artifact, {artifact_dir} '{task}'")
-        found.append(
-            Candidate(other.name, _artifact_loader(other, other_manifest, threads), other_size(other))
-        )
+        size = file_size(other / other_manifest["model"])
+        found.append(Candidate(other.name, _artifact_loader(other, other_manifest, threads), size))
     return found, skipped
-
-
-def other_size(artifact_dir: Path) -> int:
-    return file_size(artifact_dir / read_manifest(artifact_dir)["model"])
 
 
 def _artifact_loader(artifact_dir: Path, manifest: dict[str, Any], threads: int) -> Callable[[], Any]:
